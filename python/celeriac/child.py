@@ -1,0 +1,212 @@
+"""A pool child: runs tasks exactly as a stock prefork child does.
+
+Forked from the zygote. It initialises itself with celery's own
+``celery.concurrency.prefork.process_initializer`` and runs every task through
+``celery.app.trace.fast_trace_task`` with the raw message body, so decoding, the tracer,
+signals, result backends, callbacks and chords are Celery's own code. It reports to the
+supervisor only what the supervisor needs to settle the message (ack, reject, requeue).
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+
+import celery
+from billiard.einfo import ExceptionWithTraceback
+from celery import exceptions as cexc
+from celery.app import trace
+from celery.concurrency.prefork import process_destructor, process_initializer
+from celery.utils.serialization import get_pickleable_exception
+from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.serialization import loads as loads_message
+from kombu.utils.json import loads as json_loads
+
+from celeriac import frames
+
+logger = logging.getLogger("celery.worker")
+
+# Log texts of celery/worker/consumer/consumer.py and celery/worker/request.py, so users'
+# log filters and alerts keep matching.
+MESSAGE_DECODE_ERROR = (
+    "Can't decode message body: %r [type:%r encoding:%r headers:%s]\n\nbody: %s"
+)
+INVALID_TASK_ERROR = "Received invalid task message: %s\nThe message has been ignored and discarded.\n\n"
+
+CELERY_5_7 = tuple(celery.VERSION[:2]) >= (5, 7)
+
+
+class _MessageShim:
+    """What ``hybrid_to_proto2`` reads of a kombu Message."""
+
+    def __init__(self, headers):
+        self.headers = headers
+
+
+def _dump_body(body):
+    text = body[:1024] if isinstance(body, (bytes, bytearray)) else body
+    return repr(text)
+
+
+class Child:
+    def __init__(self, sock, app, hostname):
+        self.sock = sock
+        self.app = app
+        self.hostname = hostname
+        self.accept = trace._localized[1] if len(trace._localized) > 1 else None
+
+    def send(self, kind, obj):
+        self.sock.sendall(frames.pack(kind, json.dumps(obj).encode()))
+
+    def serve(self):
+        self.send(frames.READY, {"pid": os.getpid()})
+        while True:
+            frame = frames.read_frame(self.sock)
+            if frame is None:
+                return 0
+            kind, payload = frame
+            if kind == frames.TASK:
+                report = self.run_task(payload)
+            elif kind == frames.MARK_FAILURE:
+                report = self.mark_failure(json.loads(payload))
+            else:
+                logger.error("celeriac child: unknown frame kind %r ignored", kind)
+                continue
+            self.send(frames.DONE, report)
+
+    def run_task(self, payload):
+        meta_raw, body = frames.split_task_payload(payload)
+        meta = json_loads(meta_raw)
+        name, task_id = meta["name"], meta["id"]
+        request = meta["headers"]
+        content_type, content_encoding = meta["content_type"], meta["content_encoding"]
+        try:
+            if meta.get("proto") == 1:
+                decoded = loads_message(body, content_type, content_encoding, accept=self.accept)
+                from celery.worker.strategy import hybrid_to_proto2
+
+                body, request, _decoded, _utc = hybrid_to_proto2(_MessageShim(request), decoded)
+                content_type = content_encoding = None
+            request.update(meta["extras"])
+            failed, retval, runtime = trace.fast_trace_task(
+                name, task_id, request, body, content_type, content_encoding,
+            )
+        except DecodeError as exc:
+            logger.critical(MESSAGE_DECODE_ERROR, exc, content_type, content_encoding,
+                            request, _dump_body(body), exc_info=True)
+            return {"outcome": "decode_error", "runtime": 0.0}
+        except (ContentDisallowed, cexc.InvalidTaskError) as exc:
+            logger.error(INVALID_TASK_ERROR, exc, exc_info=True)
+            return {"outcome": "invalid", "runtime": 0.0}
+        except Exception as exc:  # outside the task body: stock's Request.on_failure path
+            logger.error("Task handler raised error: %r", exc, exc_info=True)
+            self._store_failure(task_id, name, request, exc)
+            return {"outcome": "failure", "runtime": 0.0}
+        if not failed:
+            return {"outcome": "success", "runtime": runtime}
+        exc = getattr(retval, "exception", None)
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, cexc.Reject):
+            if not exc.requeue and CELERY_5_7:
+                # 5.7's Request.on_failure records a terminal FAILURE for Reject(requeue=False).
+                self._store_failure(task_id, name, request, exc)
+            return {"outcome": "rejected", "requeue": bool(exc.requeue), "runtime": runtime}
+        if isinstance(exc, cexc.Ignore):
+            return {"outcome": "ignored", "runtime": runtime}
+        if isinstance(exc, cexc.Retry):
+            return {"outcome": "retry", "runtime": runtime}
+        return {"outcome": "failure", "runtime": runtime}
+
+    def _store_failure(self, task_id, name, request, exc):
+        task = self.app.tasks.get(name)
+        backend = task.backend if task is not None else self.app.backend
+        try:
+            from celery.app.task import Context
+
+            context = Context(request or {})
+            store = True
+            if task is not None:
+                ignored = context.ignore_result if context.ignore_result is not None else task.ignore_result
+                store = not ignored or task.store_errors_even_if_ignored
+            backend.mark_as_failure(task_id, get_pickleable_exception(exc), request=context,
+                                    store_result=store)
+        except Exception:
+            logger.exception("celeriac: could not store the failure of task %s[%s]", name, task_id)
+
+    def mark_failure(self, job):
+        """Record an outcome no task run produced, as the stock MainProcess does."""
+        reason = job.get("reason")
+        try:
+            if reason == "unregistered":
+                self._record_unregistered(job)
+            elif reason == "expired":
+                self._record_expired(job)
+            elif reason == "worker_lost":
+                self._record_worker_lost(job)
+            else:
+                logger.error("celeriac: unknown outcome record %r", reason)
+        except Exception:
+            logger.exception("celeriac: could not record %s for task %s", reason, job.get("id"))
+        return {"outcome": "recorded", "runtime": 0.0}
+
+    @staticmethod
+    def _context(job):
+        from celery.app.task import Context
+
+        meta = job.get("meta") or {}
+        request = dict(meta.get("headers") or {})
+        request.update(meta.get("extras") or {})
+        return Context(request)
+
+    def _record_unregistered(self, job):
+        # celery/worker/consumer/consumer.py: Consumer.on_unknown_task
+        from celery.utils.objects import Bunch
+
+        request = Bunch(
+            name=job["name"], chord=None, root_id=job.get("root_id"),
+            correlation_id=job.get("correlation_id"), reply_to=job.get("reply_to"),
+            errbacks=None,
+        )
+        self.app.backend.mark_as_failure(job["id"], cexc.NotRegistered(job["name"]), request=request)
+
+    def _record_expired(self, job):
+        # celery/worker/request.py: Request._announce_revoked
+        from celery import signals
+
+        task = self.app.tasks.get(job["name"])
+        context = self._context(job)
+        backend = task.backend if task is not None else self.app.backend
+        backend.mark_as_revoked(job["id"], "expired", request=context)
+        signals.task_revoked.send(sender=task, request=context, terminated=False, signum=None, expired=True)
+
+    def _record_worker_lost(self, job):
+        # celery/worker/request.py: Request.on_failure for WorkerLostError
+        from billiard.exceptions import WorkerLostError
+        from celery import signals
+
+        task = self.app.tasks.get(job["name"])
+        exc = WorkerLostError(job.get("detail") or "Worker exited prematurely.")
+        context = self._context(job)
+        self._store_failure(job["id"], job["name"], dict(vars(context)), exc)
+        signals.task_failure.send(sender=task, task_id=job["id"], exception=exc,
+                                  args=context.args, kwargs=context.kwargs, traceback=None, einfo=None)
+
+
+def run(fd, index, app, hostname):
+    """Body of a forked child; returns the process exit code."""
+    multiprocessing.current_process().name = f"ForkPoolWorker-{index}"
+    sock = socket.socket(fileno=fd)
+    process_initializer(app, hostname)
+    code = 0
+    try:
+        code = Child(sock, app, hostname).serve()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
+    finally:
+        try:
+            process_destructor(os.getpid(), code)
+        except Exception:
+            logger.exception("worker_process_shutdown handler failed")
+    return code

@@ -1,0 +1,59 @@
+"""Frames between the Rust supervisor and the Python processes (zygote, pool children).
+
+Every frame is ``u32 length (big endian) | u8 kind | payload``, where length counts the kind
+byte and the payload. The kinds mirror ``src/pool/frame.rs``; keep both in step.
+"""
+
+import struct
+
+# supervisor -> zygote
+FORK = 1  # payload: json {"index": n}; one fd (the child's end of its socketpair) rides along
+# zygote -> supervisor
+BOOTSTRAP = 2  # payload: json, the app's configuration and task registry
+FORKED = 3  # payload: json {"index": n, "pid": p}
+EXITED = 4  # payload: json {"pid": p, "exitcode": c, "signal": s}
+FATAL = 5  # payload: utf-8 text, one line: why the app could not be loaded
+# supervisor -> child
+TASK = 10  # payload: u32 meta length | meta json | raw message body
+MARK_FAILURE = 11  # payload: json, an outcome no task run produced (unregistered task, ...)
+# child -> supervisor
+READY = 20  # payload: json {"pid": p}
+DONE = 21  # payload: json {"outcome": ..., "runtime": s, "requeue": bool}
+
+_HEADER = struct.Struct(">IB")
+_U32 = struct.Struct(">I")
+
+
+def pack(kind, payload=b""):
+    return _HEADER.pack(len(payload) + 1, kind) + payload
+
+
+def read_exact(sock, n):
+    """Read exactly n bytes, or return None on EOF."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if r == 0:
+            return None
+        got += r
+    return bytes(buf)
+
+
+def read_frame(sock):
+    """Return (kind, payload), or None when the peer closed the socket."""
+    head = read_exact(sock, 5)
+    if head is None:
+        return None
+    length, kind = _HEADER.unpack(head)
+    payload = read_exact(sock, length - 1) if length > 1 else b""
+    if payload is None:
+        return None
+    return kind, payload
+
+
+def split_task_payload(payload):
+    """TASK payload -> (meta bytes, body bytes)."""
+    (meta_len,) = _U32.unpack_from(payload, 0)
+    return payload[4:4 + meta_len], payload[4 + meta_len:]

@@ -1,0 +1,274 @@
+"""The zygote: imports the user's Celery app once, then forks pool children on request.
+
+Runs inside the embedded interpreter of a process the Rust supervisor forked before it started
+any thread. It does what the stock ``celery worker`` MainProcess does before it starts its pool
+(app discovery, loader.init_worker, logging, worker signals), reports the app's configuration to
+the supervisor, and then only forks. The supervisor never runs Python itself.
+"""
+
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+
+from celeriac import frames
+
+logger = logging.getLogger("celeriac.zygote")
+
+LOG_LEVELS = {
+    "CRITICAL": logging.CRITICAL, "FATAL": logging.FATAL, "ERROR": logging.ERROR,
+    "WARNING": logging.WARNING, "WARN": logging.WARNING, "INFO": logging.INFO,
+    "DEBUG": logging.DEBUG,
+}
+
+
+class WorkerShim:
+    """Stands in for celery's WorkController as the sender of worker-level signals.
+
+    Signal receivers (the Django fixup, user hooks) read ``app``, ``hostname`` and ``pool_cls``.
+    """
+
+    pool_cls = "celery.concurrency.prefork:TaskPool"
+
+    def __init__(self, app, hostname, options):
+        self.app = app
+        self.hostname = hostname
+        self.options = options
+        self.concurrency = options.get("concurrency")
+
+
+def _send(sock, kind, obj):
+    data = obj if isinstance(obj, bytes) else json.dumps(obj, default=str).encode()
+    sock.sendall(frames.pack(kind, data))
+
+
+def _apply_environment(options):
+    # The stock CLI copies -b/--result-backend into these variables, which override the app's
+    # own configuration (celery/bin/celery.py); we do the same before the app is imported.
+    if options.get("broker"):
+        os.environ["CELERY_BROKER_URL"] = options["broker"]
+    if options.get("result_backend"):
+        os.environ["CELERY_RESULT_BACKEND"] = options["result_backend"]
+    if options.get("config"):
+        os.environ["CELERY_CONFIG_MODULE"] = options["config"]
+    if options.get("loader"):
+        os.environ["CELERY_LOADER"] = options["loader"]
+    if options.get("skip_checks"):
+        os.environ["CELERY_SKIP_CHECKS"] = "true"
+    level = LOG_LEVELS.get(str(options.get("loglevel", "WARNING")).upper(), logging.WARNING)
+    # Pool children read these in celery.concurrency.prefork.process_initializer.
+    os.environ["CELERY_LOG_LEVEL"] = str(level)
+    os.environ["CELERY_LOG_REDIRECT"] = "1"
+    os.environ["CELERY_LOG_REDIRECT_LEVEL"] = "WARNING"
+    return level
+
+
+def load_app(options):
+    """Resolve -A the way `celery -A` does (celery/app/utils.py: find_app)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    from celery.app.utils import find_app
+
+    return find_app(options["app"])
+
+
+def _queues(app, options):
+    queues = app.amqp.queues
+    include = [q for q in (options.get("queues") or "").split(",") if q.strip()]
+    exclude = [q for q in (options.get("exclude_queues") or "").split(",") if q.strip()]
+    if include:
+        queues.select([q.strip() for q in include])
+    if exclude:
+        queues.deselect([q.strip() for q in exclude])
+    out = []
+    for q in queues.consume_from.values():
+        exchange = q.exchange
+        out.append({
+            "name": q.name,
+            "exchange": exchange.name if exchange is not None else "",
+            "exchange_type": (exchange.type if exchange is not None else None) or "direct",
+            "routing_key": q.routing_key or "",
+            "durable": bool(q.durable),
+            "auto_delete": bool(q.auto_delete),
+            "exclusive": bool(q.exclusive),
+            "max_priority": q.max_priority,
+            "queue_arguments": q.queue_arguments or {},
+        })
+    return out
+
+
+def _task_options(app):
+    tasks = {}
+    for name, task in app.tasks.items():
+        tasks[name] = {
+            "acks_late": bool(task.acks_late),
+            "acks_on_failure_or_timeout": bool(getattr(task, "acks_on_failure_or_timeout", True)),
+            "acks_on_failure": getattr(task, "acks_on_failure", None),
+            "acks_on_timeout": getattr(task, "acks_on_timeout", None),
+            "reject_on_worker_lost": bool(task.reject_on_worker_lost),
+            "ignore_result": bool(task.ignore_result),
+            "rate_limit": task.rate_limit,
+            "time_limit": task.time_limit,
+            "soft_time_limit": task.soft_time_limit,
+            "track_started": bool(task.track_started),
+        }
+    return tasks
+
+
+def _json_safe(value):
+    return json.loads(json.dumps(value, default=repr))
+
+
+def bootstrap_info(app, hostname, options):
+    import celery
+    from kombu.serialization import prepare_accept_content
+
+    conf = app.conf
+    conn = app.connection_for_read()
+    try:
+        backend_uri = app.backend.as_uri() if conf.result_backend else None
+    except Exception:  # a backend that cannot print itself must not stop the worker
+        backend_uri = str(conf.result_backend)
+    return {
+        "hostname": hostname,
+        "app": repr(app),
+        "main": app.main,
+        "pid": os.getpid(),
+        "celery_version": celery.__version__,
+        "python_version": sys.version.split()[0],
+        "executable": sys.executable,
+        "broker_url": conn.as_uri(include_password=True),
+        "broker_display": conn.as_uri(),
+        "transport": conn.transport_cls if isinstance(conn.transport_cls, str) else str(conn.transport_cls),
+        "result_backend": backend_uri,
+        "queues": _queues(app, options),
+        "tasks": _task_options(app),
+        "conf": {
+            "worker_concurrency": conf.worker_concurrency,
+            "worker_prefetch_multiplier": conf.worker_prefetch_multiplier,
+            "worker_send_task_events": bool(conf.worker_send_task_events),
+            "accept_content": sorted(prepare_accept_content(conf.accept_content)),
+            "broker_transport_options": _json_safe(conn.transport_options or {}),
+            "task_acks_late": bool(conf.task_acks_late),
+            "task_default_queue": conf.task_default_queue,
+            "enable_utc": bool(conf.enable_utc),
+            "timezone": str(conf.timezone) if conf.timezone else None,
+        },
+    }
+
+
+def start_worker(app, hostname, options, level):
+    """The MainProcess start-up of celery/worker/worker.py, minus the parts Rust owns."""
+    from celery import signals
+    from celery.app import trace
+
+    app.log.setup(level, None, True, "WARNING", hostname=hostname)
+    shim = WorkerShim(app, hostname, options)
+    signals.celeryd_init.send(sender=hostname, instance=shim, conf=app.conf, options=options)
+    app.loader.init_worker()
+    trace.setup_worker_optimizations(app, hostname)
+    signals.worker_init.send(sender=shim)
+    signals.celeryd_after_setup.send(sender=hostname, instance=shim, conf=app.conf)
+    return shim
+
+
+def _hostname(options):
+    from celery.utils.nodenames import default_nodename, host_format
+
+    return host_format(default_nodename(options.get("hostname")))
+
+
+def _describe_exit(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return {"exitcode": None, "signal": sig, "signal_name": name}
+    return {"exitcode": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None, "signal": None}
+
+
+def main(control_fd, options_json):
+    """Entry point, called by src/embed. Never returns normally in a forked child."""
+    options = json.loads(options_json)
+    control = socket.socket(fileno=control_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    level = _apply_environment(options)
+    try:
+        hostname = _hostname(options)
+        app = load_app(options)
+        start_worker(app, hostname, options, level)
+        info = bootstrap_info(app, hostname, options)
+    except BaseException as exc:  # one clear line for the user, the traceback at debug level
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        if options.get("loglevel", "").upper() == "DEBUG":
+            traceback.print_exc()
+        _send(control, frames.FATAL, f"Unable to load celery application {options.get('app')!r}: {detail}".encode())
+        return 1
+    _send(control, frames.BOOTSTRAP, info)
+    # Children share the app's objects copy-on-write; keep the collector from touching them.
+    gc.collect()
+    gc.freeze()
+    return _serve(control, app, hostname)
+
+
+def _serve(control, app, hostname):
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        try:
+            ready, _, _ = select.select([control, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            os.read(wake_r, 512)
+            _reap(control)
+        if control in ready:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(control, 4096, 1)
+            except ConnectionResetError:
+                msg, fds = b"", []
+            if not msg:
+                return 0  # the supervisor is gone or done: children die with us (pdeathsig)
+            kind = msg[4]
+            if kind == frames.FORK and fds:
+                index = json.loads(msg[5:])["index"]
+                pid = os.fork()
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    control.close()
+                    from celeriac import child
+
+                    code = child.run(fds[0], index, app, hostname)
+                    logging.shutdown()
+                    os._exit(code)
+                os.close(fds[0])
+                _send(control, frames.FORKED, {"index": index, "pid": pid})
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+
+def _reap(control):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        report = {"pid": pid}
+        report.update(_describe_exit(status))
+        _send(control, frames.EXITED, report)

@@ -1,0 +1,310 @@
+//! The command line, compatible with `celery [global options] worker [options]`.
+//!
+//! Every option also reads an environment variable (`CELERIAC_<OPTION>`), and the stock CLI's
+//! own variables (`CELERY_APP`, `CELERY_BROKER_URL`, ...) are honoured. Stock flags celeriac does
+//! not implement yet are accepted and reported with a warning, never an error.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "celeriac",
+    version,
+    about = "A drop-in replacement for `celery worker`: your Celery app, run by a Rust supervisor",
+    args_override_self = true
+)]
+pub struct Cli {
+    /// The Celery application: `module`, `module:attr` or `package` (→ `package.celery:app`).
+    #[arg(short = 'A', long = "app", global = true, env = "CELERY_APP")]
+    pub app: Option<String>,
+
+    /// Broker URL; overrides the app's `broker_url` (as `celery -b`).
+    #[arg(short = 'b', long = "broker", global = true, env = "CELERY_BROKER")]
+    pub broker: Option<String>,
+
+    /// Result backend URL; overrides the app's `result_backend`.
+    #[arg(long = "result-backend", global = true)]
+    pub result_backend: Option<String>,
+
+    /// Change to this directory before importing the app.
+    #[arg(long, global = true, env = "CELERIAC_WORKDIR")]
+    pub workdir: Option<PathBuf>,
+
+    /// The Python interpreter whose environment runs the app (default: the active virtualenv).
+    #[arg(long, global = true, env = "CELERIAC_PYTHON")]
+    pub python: Option<PathBuf>,
+
+    /// Configuration module (as `celery --config`).
+    #[arg(long, global = true, env = "CELERY_CONFIG")]
+    pub config: Option<String>,
+
+    /// Loader class (as `celery --loader`).
+    #[arg(long, global = true, env = "CELERY_LOADER")]
+    pub loader: Option<String>,
+
+    /// Skip Django system checks.
+    #[arg(long = "skip-checks", global = true, env = "CELERY_SKIP_CHECKS")]
+    pub skip_checks: bool,
+
+    /// Accepted for compatibility: celeriac's logs are not colored.
+    #[arg(short = 'C', long = "no-color", global = true)]
+    pub no_color: bool,
+
+    /// Accepted for compatibility.
+    #[arg(short = 'q', long = "quiet", global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a worker (as `celery worker`).
+    Worker(Box<WorkerArgs>),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct WorkerArgs {
+    /// Logging level: DEBUG, INFO, WARNING, ERROR, CRITICAL, FATAL.
+    #[arg(short = 'l', long = "loglevel", env = "CELERIAC_LOGLEVEL", default_value = "WARNING", value_parser = parse_loglevel)]
+    pub loglevel: String,
+
+    /// Number of pool child processes (default: the app's `worker_concurrency`, else CPUs).
+    #[arg(short = 'c', long = "concurrency", env = "CELERIAC_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+
+    /// Comma-separated queues to consume from (default: all of `task_queues`).
+    #[arg(short = 'Q', long = "queues", env = "CELERIAC_QUEUES")]
+    pub queues: Option<String>,
+
+    /// Comma-separated queues not to consume from.
+    #[arg(short = 'X', long = "exclude-queues", env = "CELERIAC_EXCLUDE_QUEUES")]
+    pub exclude_queues: Option<String>,
+
+    /// Node name, `%h` expands to the host name (default `celery@%h`).
+    #[arg(short = 'n', long = "hostname", env = "CELERIAC_HOSTNAME")]
+    pub hostname: Option<String>,
+
+    /// Messages prefetched per pool child (default: the app's `worker_prefetch_multiplier`, 4).
+    #[arg(long = "prefetch-multiplier", env = "CELERIAC_PREFETCH_MULTIPLIER")]
+    pub prefetch_multiplier: Option<usize>,
+
+    /// Scheduling optimization: `default` or `fair` (the same since Celery 4).
+    #[arg(short = 'O', long = "optimization", env = "CELERIAC_OPTIMIZATION", value_parser = ["default", "fair"])]
+    pub optimization: Option<String>,
+
+    /// Write the worker's pid here; refuse to start if another live worker owns it.
+    #[arg(long = "pidfile", env = "CELERIAC_PIDFILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Don't synchronise revoked tasks with other workers at start-up.
+    #[arg(long = "without-mingle", env = "CELERIAC_WITHOUT_MINGLE")]
+    pub without_mingle: bool,
+
+    /// Don't subscribe to other workers' events.
+    #[arg(long = "without-gossip", env = "CELERIAC_WITHOUT_GOSSIP")]
+    pub without_gossip: bool,
+
+    /// Don't send worker heartbeats.
+    #[arg(long = "without-heartbeat", env = "CELERIAC_WITHOUT_HEARTBEAT")]
+    pub without_heartbeat: bool,
+
+    /// Send task-related events (for Flower and `celery events`).
+    #[arg(
+        short = 'E',
+        long = "task-events",
+        visible_alias = "events",
+        env = "CELERIAC_TASK_EVENTS"
+    )]
+    pub task_events: bool,
+
+    #[command(flatten)]
+    pub not_yet: NotYetImplemented,
+}
+
+/// Stock `celery worker` flags that celeriac accepts but does not act on yet.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NotYetImplemented {
+    #[arg(short = 'D', long = "detach", hide = true)]
+    pub detach: bool,
+    #[arg(short = 'f', long = "logfile", hide = true)]
+    pub logfile: Option<String>,
+    #[arg(long = "uid", hide = true)]
+    pub uid: Option<String>,
+    #[arg(long = "gid", hide = true)]
+    pub gid: Option<String>,
+    #[arg(long = "umask", hide = true)]
+    pub umask: Option<String>,
+    #[arg(long = "executable", hide = true)]
+    pub executable: Option<String>,
+    #[arg(short = 'S', long = "statedb", hide = true)]
+    pub statedb: Option<String>,
+    #[arg(short = 'P', long = "pool", hide = true)]
+    pub pool: Option<String>,
+    #[arg(long = "time-limit", hide = true)]
+    pub time_limit: Option<String>,
+    #[arg(long = "soft-time-limit", hide = true)]
+    pub soft_time_limit: Option<String>,
+    #[arg(long = "max-tasks-per-child", hide = true)]
+    pub max_tasks_per_child: Option<String>,
+    #[arg(long = "max-memory-per-child", hide = true)]
+    pub max_memory_per_child: Option<String>,
+    #[arg(long = "pool-start-method", hide = true)]
+    pub pool_start_method: Option<String>,
+    #[arg(long = "purge", visible_alias = "discard", hide = true)]
+    pub purge: bool,
+    #[arg(short = 'I', long = "include", hide = true)]
+    pub include: Option<String>,
+    #[arg(long = "heartbeat-interval", hide = true)]
+    pub heartbeat_interval: Option<String>,
+    #[arg(long = "autoscale", hide = true)]
+    pub autoscale: Option<String>,
+    #[arg(short = 'B', long = "beat", hide = true)]
+    pub beat: bool,
+    #[arg(
+        short = 's',
+        long = "schedule-filename",
+        visible_alias = "schedule",
+        hide = true
+    )]
+    pub schedule_filename: Option<String>,
+    #[arg(long = "scheduler", hide = true)]
+    pub scheduler: Option<String>,
+    #[arg(long = "disable-prefetch", hide = true)]
+    pub disable_prefetch: bool,
+}
+
+impl NotYetImplemented {
+    /// The flags given that celeriac does not act on, as the user typed them.
+    pub fn given(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut note = |set: bool, flag: &'static str| {
+            if set {
+                out.push(flag)
+            }
+        };
+        note(self.detach, "--detach");
+        note(self.logfile.is_some(), "--logfile");
+        note(self.uid.is_some(), "--uid");
+        note(self.gid.is_some(), "--gid");
+        note(self.umask.is_some(), "--umask");
+        note(self.executable.is_some(), "--executable");
+        note(self.statedb.is_some(), "--statedb");
+        note(
+            self.pool.as_deref().is_some_and(|p| p != "prefork"),
+            "--pool",
+        );
+        note(self.time_limit.is_some(), "--time-limit");
+        note(self.soft_time_limit.is_some(), "--soft-time-limit");
+        note(self.max_tasks_per_child.is_some(), "--max-tasks-per-child");
+        note(
+            self.max_memory_per_child.is_some(),
+            "--max-memory-per-child",
+        );
+        note(self.pool_start_method.is_some(), "--pool-start-method");
+        note(self.purge, "--purge");
+        note(self.include.is_some(), "--include");
+        note(self.heartbeat_interval.is_some(), "--heartbeat-interval");
+        note(self.autoscale.is_some(), "--autoscale");
+        note(self.beat, "--beat");
+        note(self.schedule_filename.is_some(), "--schedule-filename");
+        note(self.scheduler.is_some(), "--scheduler");
+        note(self.disable_prefetch, "--disable-prefetch");
+        out
+    }
+}
+
+fn parse_loglevel(s: &str) -> Result<String, String> {
+    let up = s.to_ascii_uppercase();
+    match up.as_str() {
+        "DEBUG" | "INFO" | "WARNING" | "WARN" | "ERROR" | "CRITICAL" | "FATAL" => Ok(up),
+        _ => Err(format!(
+            "{s:?} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL, FATAL"
+        )),
+    }
+}
+
+impl Cli {
+    /// The app locator from `-A`, `CELERY_APP`, or the stock CLI's plain `APP` variable.
+    pub fn app_locator(&self) -> Option<String> {
+        self.app
+            .clone()
+            .or_else(|| std::env::var("APP").ok().filter(|s| !s.is_empty()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn app_before_or_after_the_subcommand() {
+        let a = parse(&["celeriac", "-A", "core", "worker", "-l", "info"]);
+        let b = parse(&["celeriac", "worker", "-A", "core", "-l", "info"]);
+        let c = parse(&["celeriac", "worker", "--app=core", "--loglevel=INFO"]);
+        for cli in [a, b, c] {
+            assert_eq!(cli.app.as_deref(), Some("core"));
+            let Command::Worker(w) = cli.command;
+            assert_eq!(w.loglevel, "INFO");
+        }
+    }
+
+    #[test]
+    fn worker_flags() {
+        let cli = parse(&[
+            "celeriac",
+            "-A",
+            "x",
+            "worker",
+            "-c",
+            "3",
+            "-Q",
+            "a,b",
+            "-n",
+            "w1@%h",
+            "--prefetch-multiplier",
+            "2",
+            "-O",
+            "fair",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+            "-E",
+        ]);
+        let Command::Worker(w) = cli.command;
+        assert_eq!(w.concurrency, Some(3));
+        assert_eq!(w.queues.as_deref(), Some("a,b"));
+        assert_eq!(w.hostname.as_deref(), Some("w1@%h"));
+        assert_eq!(w.prefetch_multiplier, Some(2));
+        assert!(w.without_mingle && w.without_gossip && w.without_heartbeat && w.task_events);
+    }
+
+    #[test]
+    fn stock_flags_not_implemented_are_accepted() {
+        let cli = parse(&[
+            "celeriac",
+            "-A",
+            "x",
+            "worker",
+            "-B",
+            "--max-tasks-per-child",
+            "10",
+            "-P",
+            "prefork",
+        ]);
+        let Command::Worker(w) = cli.command;
+        assert_eq!(w.not_yet.given(), vec!["--max-tasks-per-child", "--beat"]);
+    }
+
+    #[test]
+    fn bad_loglevel_is_an_error() {
+        assert!(Cli::try_parse_from(["celeriac", "worker", "-l", "loud"]).is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! Layered worker settings: command line → environment → the app's own configuration (as the
+//! zygote read it, Django `CELERY_*` settings included) → Celery's defaults.
+
+use std::collections::HashMap;
+
+use config::{Config, File, FileFormat};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::cli::{Cli, WorkerArgs};
+use crate::transport::QueueSpec;
+
+/// What the zygote reports after importing the app (`python/celeriac/zygote.py: bootstrap_info`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AppInfo {
+    pub hostname: String,
+    pub app: String,
+    pub pid: i32,
+    pub celery_version: String,
+    pub python_version: String,
+    pub executable: String,
+    pub broker_url: String,
+    pub broker_display: String,
+    pub result_backend: Option<String>,
+    pub queues: Vec<QueueSpec>,
+    pub tasks: HashMap<String, TaskOptions>,
+    pub conf: AppConf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AppConf {
+    pub worker_concurrency: Option<usize>,
+    pub worker_prefetch_multiplier: Option<usize>,
+    #[serde(default)]
+    pub worker_send_task_events: bool,
+    pub accept_content: Vec<String>,
+    #[serde(default)]
+    pub broker_transport_options: Map<String, Value>,
+}
+
+/// The per-task options the supervisor acts on (`celery/app/task.py`, resolved from config).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct TaskOptions {
+    #[serde(default)]
+    pub acks_late: bool,
+    #[serde(default = "yes")]
+    pub acks_on_failure_or_timeout: bool,
+    pub acks_on_failure: Option<bool>,
+    #[serde(default)]
+    pub reject_on_worker_lost: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TaskOptions {
+    /// `task_acks_on_failure` (5.7) overrides the combined `acks_on_failure_or_timeout`.
+    pub fn acks_on_failure(&self) -> bool {
+        self.acks_on_failure
+            .unwrap_or(self.acks_on_failure_or_timeout)
+    }
+}
+
+/// Everything the supervisor runs with, after layering.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub hostname: String,
+    pub loglevel: String,
+    pub concurrency: usize,
+    pub prefetch_multiplier: usize,
+    pub task_events: bool,
+    pub without_mingle: bool,
+    pub without_gossip: bool,
+    pub without_heartbeat: bool,
+    pub broker_url: String,
+    pub accept_content: Vec<String>,
+    pub queues: Vec<QueueSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Layered {
+    concurrency: usize,
+    prefetch_multiplier: usize,
+    task_events: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid configuration: {0}")]
+    Layering(#[from] config::ConfigError),
+    #[error("concurrency must be at least 1")]
+    NoConcurrency,
+}
+
+impl WorkerSettings {
+    pub fn resolve(worker: &WorkerArgs, app: &AppInfo) -> Result<Self, SettingsError> {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        // The app's configuration as one source; unset keys fall through to the defaults.
+        let mut from_app = Map::new();
+        if let Some(c) = app.conf.worker_concurrency.filter(|c| *c > 0) {
+            from_app.insert("concurrency".into(), json!(c));
+        }
+        if let Some(m) = app.conf.worker_prefetch_multiplier {
+            from_app.insert("prefetch_multiplier".into(), json!(m));
+        }
+        from_app.insert(
+            "task_events".into(),
+            json!(app.conf.worker_send_task_events),
+        );
+        let layered: Layered = Config::builder()
+            .set_default("concurrency", cpus as u64)?
+            .set_default("prefetch_multiplier", 4u64)?
+            .set_default("task_events", false)?
+            .add_source(File::from_str(
+                &Value::Object(from_app).to_string(),
+                FileFormat::Json,
+            ))
+            .set_override_option("concurrency", worker.concurrency.map(|c| c as u64))?
+            .set_override_option(
+                "prefetch_multiplier",
+                worker.prefetch_multiplier.map(|c| c as u64),
+            )?
+            .set_override_option("task_events", worker.task_events.then_some(true))?
+            .build()?
+            .try_deserialize()?;
+        if layered.concurrency == 0 {
+            return Err(SettingsError::NoConcurrency);
+        }
+        Ok(WorkerSettings {
+            hostname: app.hostname.clone(),
+            loglevel: worker.loglevel.clone(),
+            concurrency: layered.concurrency,
+            prefetch_multiplier: layered.prefetch_multiplier,
+            task_events: layered.task_events,
+            without_mingle: worker.without_mingle,
+            without_gossip: worker.without_gossip,
+            without_heartbeat: worker.without_heartbeat,
+            broker_url: app.broker_url.clone(),
+            accept_content: app.conf.accept_content.clone(),
+            queues: app.queues.clone(),
+        })
+    }
+
+    /// Messages held unsettled at most: concurrency × multiplier (0 = unlimited, as kombu).
+    pub fn prefetch_count(&self) -> usize {
+        self.concurrency * self.prefetch_multiplier
+    }
+
+    /// Is this content type allowed by `accept_content` (`kombu.serialization.loads`)?
+    pub fn accepts(&self, content_type: &str) -> bool {
+        content_type == "application/data"
+            || content_type == "application/text"
+            || self.accept_content.iter().any(|a| a == content_type)
+    }
+}
+
+/// The options the zygote needs to load the app as `celery -A ... worker` would.
+pub fn zygote_options(cli: &Cli, worker: &WorkerArgs) -> Value {
+    json!({
+        "app": cli.app_locator(),
+        "broker": cli.broker,
+        "result_backend": cli.result_backend,
+        "config": cli.config,
+        "loader": cli.loader,
+        "skip_checks": cli.skip_checks,
+        "loglevel": worker.loglevel,
+        "hostname": worker.hostname,
+        "queues": worker.queues,
+        "exclude_queues": worker.exclude_queues,
+        "concurrency": worker.concurrency,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn app_info(conf: Value) -> AppInfo {
+        serde_json::from_value(json!({
+            "hostname": "celery@h", "app": "<Celery x>", "pid": 1, "celery_version": "5.7.0",
+            "python_version": "3.11.7", "executable": "/usr/bin/python3",
+            "broker_url": "redis://", "broker_display": "redis://", "result_backend": null,
+            "queues": [{"name": "celery", "exchange": "celery", "routing_key": "celery"}],
+            "tasks": {"a.add": {"acks_late": true}},
+            "conf": conf,
+        }))
+        .unwrap()
+    }
+
+    fn worker(args: &[&str]) -> WorkerArgs {
+        let mut all = vec!["celeriac", "worker"];
+        all.extend_from_slice(args);
+        let crate::cli::Command::Worker(w) = Cli::try_parse_from(all).unwrap().command;
+        *w
+    }
+
+    #[test]
+    fn cli_beats_app_config_beats_defaults() {
+        let app = app_info(
+            json!({"worker_concurrency": 3, "worker_prefetch_multiplier": 2, "accept_content": ["application/json"]}),
+        );
+        let s = WorkerSettings::resolve(&worker(&[]), &app).unwrap();
+        assert_eq!(
+            (s.concurrency, s.prefetch_multiplier, s.prefetch_count()),
+            (3, 2, 6)
+        );
+        let s = WorkerSettings::resolve(&worker(&["-c", "5", "--prefetch-multiplier", "1"]), &app)
+            .unwrap();
+        assert_eq!((s.concurrency, s.prefetch_multiplier), (5, 1));
+        let app = app_info(
+            json!({"worker_concurrency": null, "worker_prefetch_multiplier": null, "accept_content": []}),
+        );
+        let s = WorkerSettings::resolve(&worker(&[]), &app).unwrap();
+        assert_eq!(s.prefetch_multiplier, 4);
+        assert!(s.concurrency >= 1);
+        assert!(app.tasks["a.add"].acks_late);
+        assert!(app.tasks["a.add"].acks_on_failure());
+    }
+
+    #[test]
+    fn accept_content() {
+        let app = app_info(json!({"accept_content": ["application/json"]}));
+        let s = WorkerSettings::resolve(&worker(&[]), &app).unwrap();
+        assert!(s.accepts("application/json"));
+        assert!(s.accepts("application/data"));
+        assert!(!s.accepts("application/x-python-serialize"));
+    }
+}

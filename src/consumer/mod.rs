@@ -1,0 +1,508 @@
+//! The consumer: turns deliveries into requests, holds ETA tasks, hands requests to idle pool
+//! children and settles each message as the stock worker would (`celery/worker/strategy.py`,
+//! `celery/worker/request.py`, reference §3.3 and §5).
+
+pub mod acker;
+pub mod eta;
+mod request;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{TaskOptions, WorkerSettings};
+use crate::ops::signals::Stop;
+use crate::pool::frame::{self, Kind};
+use crate::pool::{DoneReport, ExitStatus, Pool, PoolEvent};
+use crate::protocol::{ChildMeta, MessageError, TaskMessage};
+use crate::transport::{Delivery, Settle};
+use acker::SettleOp;
+use eta::EtaQueue;
+pub use request::{Job, Request};
+
+/// A pool child that keeps dying before it is ready this many times in a row stops the worker.
+const MAX_STARTUP_FAILURES: u32 = 10;
+
+pub struct Consumer {
+    settings: Arc<WorkerSettings>,
+    tasks: HashMap<String, TaskOptions>,
+    pool: Pool,
+    pool_events: mpsc::UnboundedReceiver<PoolEvent>,
+    deliveries: mpsc::Receiver<Delivery>,
+    settle: mpsc::UnboundedSender<SettleOp>,
+    window: Arc<Semaphore>,
+    stop_consuming: watch::Sender<bool>,
+    /// Requests (and outcome records) waiting for an idle child, in arrival order.
+    ready: VecDeque<Job>,
+    eta: EtaQueue<Request>,
+    /// The job each busy child is running.
+    active: HashMap<usize, Job>,
+    /// Jobs of children whose socket closed, waiting for the zygote's exit report.
+    lost: HashMap<i32, Job>,
+    /// Exit reports that arrived before the child's socket closed.
+    exits: HashMap<i32, ExitStatus>,
+    startup_failures: u32,
+    announced_ready: bool,
+    stopping: Option<Stop>,
+}
+
+pub struct Channels {
+    pub pool_events: mpsc::UnboundedReceiver<PoolEvent>,
+    pub deliveries: mpsc::Receiver<Delivery>,
+    pub settle: mpsc::UnboundedSender<SettleOp>,
+    pub window: Arc<Semaphore>,
+    pub stop_consuming: watch::Sender<bool>,
+}
+
+impl Consumer {
+    pub fn new(
+        settings: Arc<WorkerSettings>,
+        tasks: HashMap<String, TaskOptions>,
+        pool: Pool,
+        ch: Channels,
+    ) -> Self {
+        Consumer {
+            settings,
+            tasks,
+            pool,
+            pool_events: ch.pool_events,
+            deliveries: ch.deliveries,
+            settle: ch.settle,
+            window: ch.window,
+            stop_consuming: ch.stop_consuming,
+            ready: VecDeque::new(),
+            eta: EtaQueue::default(),
+            active: HashMap::new(),
+            lost: HashMap::new(),
+            exits: HashMap::new(),
+            startup_failures: 0,
+            announced_ready: false,
+            stopping: None,
+        }
+    }
+
+    /// Run until shut down; returns the process exit code.
+    pub async fn run(mut self, mut signals: mpsc::UnboundedReceiver<Stop>) -> i32 {
+        for _ in 0..self.settings.concurrency {
+            if let Err(e) = self.pool.spawn_child().await {
+                error!("Unrecoverable error: {e}");
+                return 1;
+            }
+        }
+        loop {
+            let next_eta = self.eta.next_due();
+            let eta_sleep = async {
+                match next_eta {
+                    Some(due) => {
+                        let wait = (due - Utc::now()).to_std().unwrap_or_default();
+                        tokio::time::sleep(wait).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(delivery) = self.deliveries.recv(), if self.stopping.is_none() => self.on_delivery(delivery),
+                Some(event) = self.pool_events.recv() => {
+                    if let Err(code) = self.on_pool_event(event).await {
+                        return self.finish(Stop::Cold, code).await;
+                    }
+                }
+                Some(stop) = signals.recv() => self.begin_stop(stop),
+                _ = eta_sleep => self.release_due(),
+            }
+            self.dispatch().await;
+            match self.stopping {
+                Some(Stop::Cold) => return self.finish(Stop::Cold, 1).await,
+                Some(warm @ Stop::Warm { exit_code })
+                    if self.active.is_empty() && self.ready.is_empty() =>
+                {
+                    return self.finish(warm, exit_code).await
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn settle(&self, op: Settle, frees_slot: bool) {
+        if self.settle.send((op, frees_slot)).is_err() {
+            error!("acknowledgements stopped: a message will be redelivered");
+        }
+    }
+
+    fn on_delivery(&mut self, delivery: Delivery) {
+        let message = match TaskMessage::parse(&delivery) {
+            Ok(m) => m,
+            Err(e) => return self.on_bad_message(delivery, e),
+        };
+        let Some(options) = self.tasks.get(&message.name).cloned() else {
+            return self.on_unknown_task(delivery, message);
+        };
+        if !self.settings.accepts(&delivery.content_type) {
+            error!(
+                "Received invalid task message: Refusing to deserialize untrusted content of type {} \
+                 (content type not in accept_content)\nThe message has been ignored and discarded.",
+                delivery.content_type
+            );
+            return self.settle(Settle::Reject(delivery.tag), true);
+        }
+        info!("Task {}[{}] received", message.display_name(), message.id);
+        let request = Request {
+            delivery,
+            message,
+            options,
+            eta_bumped: false,
+        };
+        if request.is_expired() {
+            return self.discard_expired(request);
+        }
+        match request.message.eta {
+            Some(due) if due > Utc::now() => self.hold_until_eta(due, request),
+            _ => self.ready.push_back(Job::Task(request)),
+        }
+    }
+
+    /// An ETA request waits unacked; the prefetch window grows by one meanwhile, as stock's
+    /// `qos.increment_eventually()` does, so waiting tasks don't starve the pool.
+    fn hold_until_eta(&mut self, due: chrono::DateTime<Utc>, mut request: Request) {
+        request.eta_bumped = true;
+        self.window.add_permits(1);
+        self.eta.push(due, request);
+    }
+
+    fn release_due(&mut self) {
+        for request in self.eta.pop_due(Utc::now()) {
+            self.ready.push_back(Job::Task(request));
+        }
+    }
+
+    fn on_bad_message(&mut self, delivery: Delivery, err: MessageError) {
+        match err {
+            MessageError::UnknownFormat(detail) => {
+                warn!("Received and deleted unknown message.  Wrong destination?!?\n\nThe full contents of the message body was: {detail}");
+                self.settle(Settle::Reject(delivery.tag), true);
+            }
+            MessageError::Decode(detail) => {
+                error!(
+                    "Can't decode message body: {detail} [type:{:?} encoding:{:?} headers:{}]\n\nbody: {}",
+                    delivery.content_type,
+                    delivery.content_encoding,
+                    delivery.headers,
+                    String::from_utf8_lossy(&delivery.body[..delivery.body.len().min(1024)])
+                );
+                self.settle(Settle::Ack(delivery.tag), true);
+            }
+            MessageError::Invalid(detail) => {
+                error!("Received invalid task message: {detail}\nThe message has been ignored and discarded.");
+                self.settle(Settle::Reject(delivery.tag), true);
+            }
+        }
+    }
+
+    /// `Consumer.on_unknown_task`: log, reject, and store FAILURE with `NotRegistered`.
+    fn on_unknown_task(&mut self, delivery: Delivery, message: TaskMessage) {
+        error!(
+            "Received unregistered task of type {:?}.\nThe message has been ignored and discarded.\n\n\
+             Did you remember to import the module containing this task?\nOr maybe you're using relative imports?\n\n\
+             The full contents of the message headers:\n{}\n\nThe delivery info for this task is:\n{{\"exchange\": {:?}, \"routing_key\": {:?}}}",
+            message.name, delivery.headers, delivery.exchange, delivery.routing_key
+        );
+        let record = json!({
+            "reason": "unregistered",
+            "id": message.id,
+            "name": message.name,
+            "root_id": message.root_id,
+            "correlation_id": delivery.properties.get("correlation_id"),
+            "reply_to": delivery.properties.get("reply_to"),
+        });
+        self.settle(Settle::Reject(delivery.tag), true);
+        self.ready.push_back(Job::Record(record));
+    }
+
+    /// `Request.revoked` for an expired request: stored REVOKED, acked, never run.
+    fn discard_expired(&mut self, request: Request) {
+        info!(
+            "Discarding revoked task: {}[{}]",
+            request.message.display_name(),
+            request.message.id
+        );
+        let record = json!({
+            "reason": "expired",
+            "id": request.message.id,
+            "name": request.message.name,
+            "meta": request.child_meta_value(&self.settings.hostname),
+        });
+        self.settle(
+            Settle::Ack(request.delivery.tag.clone()),
+            !request.eta_bumped,
+        );
+        self.ready.push_back(Job::Record(record));
+    }
+
+    /// Hand waiting jobs to idle children, oldest first.
+    async fn dispatch(&mut self) {
+        while !self.ready.is_empty() {
+            let Some(index) = self.pool.take_idle() else {
+                return;
+            };
+            let Some(mut job) = self.ready.pop_front() else {
+                self.pool.put_back_idle(index);
+                return;
+            };
+            let bytes = match &mut job {
+                Job::Task(request) => {
+                    if request.is_expired() {
+                        self.pool.put_back_idle(index);
+                        if let Job::Task(request) = job {
+                            self.discard_expired(request);
+                        }
+                        continue;
+                    }
+                    let meta = ChildMeta::encode(
+                        &request.delivery,
+                        &request.message,
+                        &self.settings.hostname,
+                    );
+                    let bytes = frame::encode_task(&meta, &request.delivery.body);
+                    request.delivery.body = Vec::new(); // the child has it now
+                    bytes
+                }
+                Job::Record(record) => {
+                    frame::encode(Kind::MarkFailure, record.to_string().as_bytes())
+                }
+            };
+            if let Err(e) = self.pool.send(index, &bytes).await {
+                // The child is going away; its Gone event will follow. Keep the job.
+                warn!("{e}; handing the job to another child");
+                if let Job::Task(request) = &mut job {
+                    request.restore_body(&bytes);
+                }
+                self.ready.push_front(job);
+                continue;
+            }
+            if let Job::Task(request) = &job {
+                // Early ack: the child is idle, so it starts the task now (`Request.on_accepted`).
+                if !request.options.acks_late {
+                    self.settle(
+                        Settle::Ack(request.delivery.tag.clone()),
+                        !request.eta_bumped,
+                    );
+                }
+            }
+            self.active.insert(index, job);
+        }
+    }
+
+    async fn on_pool_event(&mut self, event: PoolEvent) -> Result<(), i32> {
+        match event {
+            PoolEvent::Ready { index, pid } => {
+                debug!("ForkPoolWorker-{index} (pid {pid}) ready");
+                self.startup_failures = 0;
+                self.pool.on_ready(index, pid);
+                if !self.announced_ready && self.pool.ready_count() >= self.settings.concurrency {
+                    self.announced_ready = true;
+                    info!("{} ready.", self.settings.hostname);
+                }
+            }
+            PoolEvent::Done { index, report } => {
+                self.pool.on_done(index);
+                match self.active.remove(&index) {
+                    Some(Job::Task(request)) => self.on_task_done(request, &report),
+                    Some(Job::Record(_)) => {}
+                    None => warn!("ForkPoolWorker-{index} reported a job it was not given"),
+                }
+            }
+            PoolEvent::Gone { index } => {
+                let pid = self.pool.on_gone(index);
+                let job = self.active.remove(&index);
+                match (pid, job) {
+                    (Some(pid), Some(job)) => match self.exits.remove(&pid) {
+                        Some(status) => self.on_job_lost(index, pid, job, &status),
+                        None => {
+                            self.lost.insert(pid, job);
+                        }
+                    },
+                    (None, _) => {
+                        self.startup_failures += 1;
+                        error!(
+                            "ForkPoolWorker-{index} exited before it was ready (see the log above)"
+                        );
+                        if self.startup_failures >= MAX_STARTUP_FAILURES {
+                            error!("Pool children keep dying at start-up; stopping the worker");
+                            return Err(1);
+                        }
+                    }
+                    (Some(pid), None) => {
+                        if self.stopping.is_none() {
+                            if let Some(status) = self.exits.remove(&pid) {
+                                error!("Process 'ForkPoolWorker-{index}' pid:{pid} exited with '{status}'");
+                            }
+                        }
+                    }
+                }
+                if self.stopping.is_none() && self.pool.len() < self.settings.concurrency {
+                    if let Err(e) = self.pool.spawn_child().await {
+                        error!("Could not replace ForkPoolWorker-{index}: {e}");
+                    }
+                }
+            }
+            PoolEvent::Exited { pid, status } => {
+                if let Some(job) = self.lost.remove(&pid) {
+                    self.on_job_lost(0, pid, job, &status);
+                } else if self.pool.has_pid(pid) {
+                    self.exits.insert(pid, status);
+                } else if self.stopping.is_none()
+                    && (status.signal.is_some() || status.exitcode != Some(0))
+                {
+                    error!("Process pid:{pid} exited with '{status}'");
+                }
+            }
+            PoolEvent::ZygoteGone => {
+                if self.stopping.is_none() {
+                    error!("The zygote process died: no pool children can be started. Stopping.");
+                    return Err(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Settle a finished request per its ack policy (reference §3.3).
+    fn on_task_done(&mut self, request: Request, report: &DoneReport) {
+        let frees = !request.eta_bumped;
+        let tag = request.delivery.tag.clone();
+        if !request.options.acks_late {
+            return; // acked when it started
+        }
+        let op = match report.outcome.as_str() {
+            "failure" if !request.options.acks_on_failure() => Settle::Reject(tag),
+            "rejected" if report.requeue => Settle::Requeue(tag),
+            "rejected" | "invalid" => Settle::Reject(tag),
+            _ => Settle::Ack(tag),
+        };
+        self.settle(op, frees);
+    }
+
+    /// A child died while running a job: `WorkerLostError`, as billiard reports it.
+    fn on_job_lost(&mut self, index: usize, pid: i32, job: Job, status: &ExitStatus) {
+        let name = if index > 0 {
+            format!("ForkPoolWorker-{index}")
+        } else {
+            "ForkPoolWorker".into()
+        };
+        error!("Process '{name}' pid:{pid} exited with '{status}'");
+        match job {
+            Job::Record(record) => self.ready.push_back(Job::Record(record)),
+            Job::Task(request) => {
+                let detail = format!("Worker exited prematurely: {status}.");
+                error!(
+                    "Task handler raised error: WorkerLostError('{detail}') [{}[{}]]",
+                    request.message.display_name(),
+                    request.message.id
+                );
+                let tag = request.delivery.tag.clone();
+                let frees = !request.eta_bumped;
+                let opts = &request.options;
+                if opts.acks_late && opts.reject_on_worker_lost {
+                    self.settle(Settle::Requeue(tag), frees);
+                    return;
+                }
+                if opts.acks_late {
+                    let op = if opts.acks_on_failure() {
+                        Settle::Ack(tag)
+                    } else {
+                        Settle::Reject(tag)
+                    };
+                    self.settle(op, frees);
+                }
+                self.ready.push_back(Job::Record(json!({
+                    "reason": "worker_lost",
+                    "id": request.message.id,
+                    "name": request.message.name,
+                    "detail": detail,
+                    "meta": request.child_meta_value(&self.settings.hostname),
+                })));
+            }
+        }
+    }
+
+    fn begin_stop(&mut self, stop: Stop) {
+        match stop {
+            Stop::Warm { .. } if self.stopping.is_none() => {
+                info!("worker: Warm shutdown (MainProcess)");
+                let _ = self.stop_consuming.send(true);
+                self.give_back_unstarted();
+                self.stopping = Some(stop);
+            }
+            Stop::Warm { .. } => info!("worker: Warm shutdown already in progress"),
+            Stop::Cold => {
+                info!("worker: Cold shutdown (MainProcess)");
+                let _ = self.stop_consuming.send(true);
+                self.stopping = Some(Stop::Cold);
+            }
+        }
+    }
+
+    /// Prefetched and ETA-waiting requests go back to the broker at once, to the front of
+    /// their queues, so other workers can run them (`QoS.restore_unacked_once`).
+    fn give_back_unstarted(&mut self) {
+        let mut n = 0;
+        let waiting: Vec<Job> = self.ready.drain(..).collect();
+        for job in waiting {
+            match job {
+                Job::Task(r) => {
+                    self.settle(Settle::Restore(r.delivery.tag), !r.eta_bumped);
+                    n += 1;
+                }
+                record @ Job::Record(_) => self.ready.push_back(record),
+            }
+        }
+        for r in self.eta.drain() {
+            self.settle(Settle::Restore(r.delivery.tag), false);
+            n += 1;
+        }
+        while let Ok(d) = self.deliveries.try_recv() {
+            self.settle(Settle::Restore(d.tag), true);
+            n += 1;
+        }
+        if n > 0 {
+            info!("Restoring {n} unacknowledged message(s)");
+        }
+    }
+
+    async fn finish(mut self, how: Stop, exit_code: i32) -> i32 {
+        let _ = self.stop_consuming.send(true);
+        if how == Stop::Cold {
+            // Running acks_late tasks were never acked: give them back for redelivery.
+            for (_, job) in self.active.drain() {
+                if let Job::Task(r) = job {
+                    if r.options.acks_late {
+                        self.settle
+                            .send((Settle::Restore(r.delivery.tag), false))
+                            .ok();
+                    }
+                }
+            }
+            self.give_back_unstarted();
+            self.pool.kill_all();
+        } else {
+            self.pool.close_all();
+        }
+        // Wait (briefly) for children to leave so worker_process_shutdown handlers run.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut gone = 0;
+        let expected = self.settings.concurrency;
+        while gone < expected {
+            match tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
+                Ok(Some(PoolEvent::Exited { .. })) => gone += 1,
+                Ok(Some(PoolEvent::ZygoteGone)) | Ok(None) | Err(_) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+        self.pool.zygote().close();
+        exit_code
+    }
+}

@@ -1,0 +1,86 @@
+//! The zygote side: start CPython ourselves and hand over to `python/celeriac/zygote.py`.
+//!
+//! This code runs only in the process the supervisor forked before it started any thread.
+//! The interpreter is configured like `python -m celery` of the chosen interpreter would be
+//! (`program_name` = that interpreter, so `sys.executable`, `sys.prefix` and the virtualenv's
+//! site-packages match), then the zygote imports the app and forks pool children with
+//! `os.fork()` from its only thread.
+
+pub mod interpreter;
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+use pyo3::prelude::*;
+use pyo3::types::PyModule;
+
+/// The Python half of the runtime, embedded so a single binary is all users install.
+const MODULES: [(&str, &str, &str); 4] = [
+    (
+        "celeriac",
+        "celeriac/__init__.py",
+        include_str!("../../python/celeriac/__init__.py"),
+    ),
+    (
+        "celeriac.frames",
+        "celeriac/frames.py",
+        include_str!("../../python/celeriac/frames.py"),
+    ),
+    (
+        "celeriac.child",
+        "celeriac/child.py",
+        include_str!("../../python/celeriac/child.py"),
+    ),
+    (
+        "celeriac.zygote",
+        "celeriac/zygote.py",
+        include_str!("../../python/celeriac/zygote.py"),
+    ),
+];
+
+fn load_modules(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
+    let mut zygote = None;
+    for (name, file, source) in MODULES {
+        let to_c = |s: &str| {
+            CString::new(s).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
+        };
+        let module = PyModule::from_code(
+            py,
+            &to_c(source)?,
+            &to_c(&format!("<celeriac>/{file}"))?,
+            &to_c(name)?,
+        )?;
+        if name == "celeriac" {
+            // Make it a package so `from celeriac import frames` resolves to our modules.
+            module.setattr("__path__", pyo3::types::PyList::empty(py))?;
+        } else if let Some((_, attr)) = name.split_once('.') {
+            py.import("celeriac")?.setattr(attr, &module)?;
+        }
+        if name == "celeriac.zygote" {
+            zygote = Some(module);
+        }
+    }
+    zygote.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("zygote module missing"))
+}
+
+/// Run the zygote; returns the process exit code. Forked pool children never return here.
+pub fn run_zygote(control_fd: RawFd, options_json: &str, python: &std::path::Path) -> i32 {
+    if let Err(msg) = interpreter::initialize(python) {
+        eprintln!("celeriac: {msg}");
+        return 1;
+    }
+    Python::with_gil(|py| {
+        let result = load_modules(py).and_then(|z| {
+            z.getattr("main")?
+                .call1((control_fd, options_json))?
+                .extract::<i32>()
+        });
+        match result {
+            Ok(code) => code,
+            Err(err) => {
+                err.print(py);
+                1
+            }
+        }
+    })
+}

@@ -1,0 +1,249 @@
+//! The prefork pool, supervisor side: asks the zygote for children, writes jobs to idle
+//! children, and turns their frames and exits into [`PoolEvent`]s for the consumer.
+
+pub mod frame;
+pub mod zygote;
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::net::UnixStream as StdUnixStream;
+
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tracing::{debug, error};
+
+use frame::Kind;
+pub use zygote::{ExitStatus, Zygote};
+
+/// What a child reports when a job is done (`python/celeriac/child.py`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DoneReport {
+    /// success, failure, retry, ignored, rejected, decode_error, invalid, recorded.
+    pub outcome: String,
+    #[serde(default)]
+    pub runtime: Option<f64>,
+    /// For `rejected`: `Reject(requeue=...)`.
+    #[serde(default)]
+    pub requeue: bool,
+}
+
+#[derive(Debug)]
+pub enum PoolEvent {
+    /// A new child finished its initialisation and waits for work.
+    Ready { index: usize, pid: i32 },
+    /// A child finished its job.
+    Done { index: usize, report: DoneReport },
+    /// A child's socket closed: it exited or is about to.
+    Gone { index: usize },
+    /// The zygote reaped a child.
+    Exited { pid: i32, status: ExitStatus },
+    /// The zygote itself is gone: nothing more can be forked.
+    ZygoteGone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Starting,
+    Idle,
+    Busy,
+}
+
+struct Slot {
+    pid: Option<i32>,
+    state: SlotState,
+    writer: OwnedWriteHalf,
+}
+
+pub struct Pool {
+    zygote: Zygote,
+    slots: HashMap<usize, Slot>,
+    idle: VecDeque<usize>,
+    next_index: usize,
+    events: mpsc::UnboundedSender<PoolEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("could not create a socket pair for a child: {0}")]
+    Socket(std::io::Error),
+    #[error("could not ask the zygote to fork: {0}")]
+    Fork(String),
+    #[error("child {0} is not idle")]
+    NotIdle(usize),
+    #[error("writing to child {0}: {1}")]
+    Write(usize, std::io::Error),
+}
+
+impl Pool {
+    pub fn new(zygote: Zygote, events: mpsc::UnboundedSender<PoolEvent>) -> Self {
+        Pool {
+            zygote,
+            slots: HashMap::new(),
+            idle: VecDeque::new(),
+            next_index: 1,
+            events,
+        }
+    }
+
+    /// Ask the zygote for one more child. It reports `Ready` once initialised.
+    pub async fn spawn_child(&mut self) -> Result<usize, PoolError> {
+        let (ours, theirs) = StdUnixStream::pair().map_err(PoolError::Socket)?;
+        let index = self.next_index;
+        self.next_index += 1;
+        self.zygote
+            .fork(index, &theirs)
+            .await
+            .map_err(|e| PoolError::Fork(e.to_string()))?;
+        drop(theirs);
+        ours.set_nonblocking(true).map_err(PoolError::Socket)?;
+        let stream = UnixStream::from_std(ours).map_err(PoolError::Socket)?;
+        let (mut reader, writer) = stream.into_split();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            loop {
+                match frame::read(&mut reader).await {
+                    Ok(Some((Kind::Ready, payload))) => {
+                        let pid = serde_json::from_slice::<serde_json::Value>(&payload)
+                            .ok()
+                            .and_then(|v| v["pid"].as_i64())
+                            .unwrap_or(0) as i32;
+                        let _ = events.send(PoolEvent::Ready { index, pid });
+                    }
+                    Ok(Some((Kind::Done, payload))) => {
+                        match serde_json::from_slice::<DoneReport>(&payload) {
+                            Ok(report) => {
+                                let _ = events.send(PoolEvent::Done { index, report });
+                            }
+                            Err(e) => {
+                                // Still free the child; settle as a failure of unknown cause.
+                                error!("ForkPoolWorker-{index} sent an unreadable report: {e}");
+                                let report = DoneReport {
+                                    outcome: "failure".into(),
+                                    runtime: None,
+                                    requeue: false,
+                                };
+                                let _ = events.send(PoolEvent::Done { index, report });
+                            }
+                        }
+                    }
+                    Ok(Some((kind, _))) => {
+                        error!("ForkPoolWorker-{index} sent an unexpected {kind:?} frame")
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error!("ForkPoolWorker-{index}: broken frame stream: {e}");
+                        break;
+                    }
+                }
+            }
+            let _ = events.send(PoolEvent::Gone { index });
+        });
+        self.slots.insert(
+            index,
+            Slot {
+                pid: None,
+                state: SlotState::Starting,
+                writer,
+            },
+        );
+        Ok(index)
+    }
+
+    pub fn on_ready(&mut self, index: usize, pid: i32) {
+        if let Some(slot) = self.slots.get_mut(&index) {
+            slot.pid = Some(pid);
+            slot.state = SlotState::Idle;
+            self.idle.push_back(index);
+        }
+    }
+
+    pub fn on_done(&mut self, index: usize) {
+        if let Some(slot) = self.slots.get_mut(&index) {
+            if slot.state == SlotState::Busy {
+                slot.state = SlotState::Idle;
+                self.idle.push_back(index);
+            }
+        }
+    }
+
+    /// Forget a child whose socket closed; returns its pid if it had reported one.
+    pub fn on_gone(&mut self, index: usize) -> Option<i32> {
+        self.idle.retain(|i| *i != index);
+        self.slots.remove(&index).and_then(|s| s.pid)
+    }
+
+    pub fn has_pid(&self, pid: i32) -> bool {
+        self.slots.values().any(|s| s.pid == Some(pid))
+    }
+
+    /// Children that finished starting (idle or busy).
+    pub fn ready_count(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| s.state != SlotState::Starting)
+            .count()
+    }
+
+    /// An idle child, taken out of the idle list (fair scheduling: only idle children get work).
+    pub fn take_idle(&mut self) -> Option<usize> {
+        self.idle.pop_front()
+    }
+
+    /// Give a child taken with `take_idle` back without work.
+    pub fn put_back_idle(&mut self, index: usize) {
+        self.idle.push_front(index);
+    }
+
+    pub async fn send(&mut self, index: usize, bytes: &[u8]) -> Result<(), PoolError> {
+        let slot = self
+            .slots
+            .get_mut(&index)
+            .ok_or(PoolError::NotIdle(index))?;
+        slot.state = SlotState::Busy;
+        slot.writer
+            .write_all(bytes)
+            .await
+            .map_err(|e| PoolError::Write(index, e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn busy_count(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| s.state == SlotState::Busy)
+            .count()
+    }
+
+    /// Warm stop: close every child's socket; each finishes and exits on end of stream.
+    pub fn close_all(&mut self) {
+        debug!("closing {} pool children", self.slots.len());
+        self.idle.clear();
+        self.slots.clear();
+    }
+
+    /// Cold stop: kill every child now.
+    pub fn kill_all(&mut self) {
+        for slot in self.slots.values() {
+            if let Some(pid) = slot.pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        self.close_all();
+    }
+
+    pub fn zygote(&mut self) -> &mut Zygote {
+        &mut self.zygote
+    }
+}

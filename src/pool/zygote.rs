@@ -1,0 +1,209 @@
+//! The zygote process: forked from the supervisor before any thread exists, it starts CPython,
+//! imports the app once and forks pool children on request (design §2).
+
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::PathBuf;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::unistd::{fork, ForkResult, Pid};
+use serde::Deserialize;
+use tokio::io::Interest;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tracing::{debug, error};
+
+use super::frame::{self, Kind};
+use super::PoolEvent;
+
+/// How a process ended, as the zygote saw it in `waitpid`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExitStatus {
+    pub exitcode: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub signal_name: Option<String>,
+}
+
+impl std::fmt::Display for ExitStatus {
+    /// In billiard's words: `exitcode 0` or `signal 9 (SIGKILL)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.signal, self.exitcode) {
+            (Some(sig), _) => write!(
+                f,
+                "signal {sig} ({})",
+                self.signal_name.as_deref().unwrap_or("?")
+            ),
+            (None, Some(code)) => write!(f, "exitcode {code}"),
+            (None, None) => write!(f, "an unknown status"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ExitReport {
+    pid: i32,
+    #[serde(flatten)]
+    status: ExitStatus,
+}
+
+/// A forked zygote whose app is still loading.
+pub struct PendingZygote {
+    pub pid: Pid,
+    stream: StdUnixStream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    #[error("could not start the zygote process: {0}")]
+    Start(String),
+    /// The app could not be loaded; the zygote says why in one line.
+    #[error("{0}")]
+    AppFailed(String),
+    #[error("the zygote exited before it reported the app's configuration")]
+    DiedEarly,
+    #[error("zygote: {0}")]
+    Protocol(String),
+}
+
+/// Fork the zygote. Must be called before the process starts any thread.
+pub fn start(options_json: String, python: PathBuf) -> Result<PendingZygote, ZygoteError> {
+    let (ours, theirs) = StdUnixStream::pair().map_err(|e| ZygoteError::Start(e.to_string()))?;
+    let parent = nix::unistd::getpid();
+    // SAFETY: no other thread exists yet (called first thing in main), so the child may run
+    // arbitrary code after fork.
+    match unsafe { fork() }.map_err(|e| ZygoteError::Start(e.to_string()))? {
+        ForkResult::Child => {
+            drop(ours);
+            // Die with the supervisor; children die with the zygote in turn.
+            // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            if nix::unistd::getppid() != parent {
+                std::process::exit(1);
+            }
+            let code = crate::embed::run_zygote(theirs.into_raw_fd(), &options_json, &python);
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => {
+            drop(theirs);
+            Ok(PendingZygote {
+                pid: child,
+                stream: ours,
+            })
+        }
+    }
+}
+
+impl PendingZygote {
+    /// Wait for the app's configuration; then the zygote is ready to fork children.
+    pub async fn bootstrap(
+        self,
+        events: mpsc::UnboundedSender<PoolEvent>,
+    ) -> Result<(Zygote, Vec<u8>), ZygoteError> {
+        self.stream
+            .set_nonblocking(true)
+            .map_err(|e| ZygoteError::Start(e.to_string()))?;
+        let stream =
+            UnixStream::from_std(self.stream).map_err(|e| ZygoteError::Start(e.to_string()))?;
+        let (mut reader, writer) = stream.into_split();
+        let info = loop {
+            match frame::read(&mut reader).await {
+                Ok(Some((Kind::Bootstrap, payload))) => break payload,
+                Ok(Some((Kind::Fatal, payload))) => {
+                    return Err(ZygoteError::AppFailed(
+                        String::from_utf8_lossy(&payload).into_owned(),
+                    ))
+                }
+                Ok(Some((kind, _))) => {
+                    return Err(ZygoteError::Protocol(format!(
+                        "unexpected {kind:?} before bootstrap"
+                    )))
+                }
+                Ok(None) => return Err(ZygoteError::DiedEarly),
+                Err(e) => return Err(ZygoteError::Protocol(e.to_string())),
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                match frame::read(&mut reader).await {
+                    Ok(Some((Kind::Forked, payload))) => {
+                        debug!("zygote forked {}", String::from_utf8_lossy(&payload))
+                    }
+                    Ok(Some((Kind::Exited, payload))) => {
+                        match serde_json::from_slice::<ExitReport>(&payload) {
+                            Ok(r) => {
+                                let _ = events.send(PoolEvent::Exited {
+                                    pid: r.pid,
+                                    status: r.status,
+                                });
+                            }
+                            Err(e) => error!("zygote sent an unreadable exit report: {e}"),
+                        }
+                    }
+                    Ok(Some((kind, _))) => error!("zygote sent an unexpected {kind:?} frame"),
+                    Ok(None) => break,
+                    Err(e) => {
+                        error!("zygote: broken frame stream: {e}");
+                        break;
+                    }
+                }
+            }
+            let _ = events.send(PoolEvent::ZygoteGone);
+        });
+        Ok((
+            Zygote {
+                pid: self.pid,
+                writer: Some(writer),
+            },
+            info,
+        ))
+    }
+}
+
+pub struct Zygote {
+    pub pid: Pid,
+    writer: Option<OwnedWriteHalf>,
+}
+
+impl Zygote {
+    /// Ask for a child that will talk over `theirs`; the fd travels with SCM_RIGHTS.
+    pub async fn fork(&mut self, index: usize, theirs: &StdUnixStream) -> std::io::Result<()> {
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("zygote closed"))?;
+        let bytes = frame::encode(Kind::Fork, format!("{{\"index\": {index}}}").as_bytes());
+        let fds = [theirs.as_raw_fd()];
+        let stream: &UnixStream = writer.as_ref();
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(&bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == bytes.len() => return Ok(()),
+                Ok(n) => {
+                    return Err(std::io::Error::other(format!(
+                        "short write to zygote ({n} bytes)"
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Close the control socket: the zygote exits, and with it any child still alive.
+    pub fn close(&mut self) {
+        self.writer = None;
+    }
+}

@@ -1,0 +1,267 @@
+//! Telling protocol v1 from v2 and reading the scheduling fields
+//! (`celery/worker/consumer/consumer.py: on_task_received`, `celery/worker/request.py`).
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value};
+
+use super::time::parse_iso8601;
+use crate::transport::Delivery;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    V1,
+    V2,
+}
+
+/// What the stock consumer would do with a message it cannot turn into a request.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MessageError {
+    /// Headers not a mapping, or no `task` anywhere: logged and rejected (no requeue).
+    #[error("unknown message format: {0}")]
+    UnknownFormat(String),
+    /// The body could not be decoded: logged critical and acked.
+    #[error("can't decode message body: {0}")]
+    Decode(String),
+    /// `InvalidTaskError`: logged and rejected (no requeue).
+    #[error("invalid task message: {0}")]
+    Invalid(String),
+}
+
+/// The fields of a task message the supervisor acts on.
+#[derive(Debug, Clone)]
+pub struct TaskMessage {
+    pub protocol: Protocol,
+    pub name: String,
+    pub id: String,
+    /// Display name for logs (`shadow` header), else the task name.
+    pub shadow: Option<String>,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    pub root_id: Option<String>,
+    pub argsrepr: String,
+    pub kwargsrepr: String,
+    pub ignore_result: Option<bool>,
+}
+
+impl TaskMessage {
+    pub fn display_name(&self) -> &str {
+        self.shadow.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Read a delivery. v2 when the headers carry `task`; otherwise a JSON body that is a map
+    /// with `task` is v1.
+    pub fn parse(delivery: &Delivery) -> Result<TaskMessage, MessageError> {
+        let headers = match &delivery.headers {
+            Value::Object(map) => map,
+            Value::Null => &*EMPTY,
+            other => {
+                return Err(MessageError::UnknownFormat(format!(
+                    "headers are not a mapping: {}",
+                    truncate(&other.to_string(), 200)
+                )))
+            }
+        };
+        if let Some(task) = headers.get("task") {
+            let name = task.as_str().ok_or_else(|| {
+                MessageError::Invalid(format!("task name is not a string: {task}"))
+            })?;
+            return Self::from_fields(Protocol::V2, name, headers);
+        }
+        // Protocol v1: everything is in the body, which must be decoded here to find the name.
+        if !delivery.content_type.is_empty() && delivery.content_type != "application/json" {
+            return Err(MessageError::UnknownFormat(format!(
+                "no 'task' header and a {} body (protocol v1 is read from JSON bodies only)",
+                delivery.content_type
+            )));
+        }
+        let body: Value = serde_json::from_slice(&delivery.body)
+            .map_err(|e| MessageError::Decode(e.to_string()))?;
+        match body.as_object().and_then(|b| b.get("task").map(|t| (b, t))) {
+            Some((fields, Value::String(name))) => Self::from_fields(Protocol::V1, name, fields),
+            _ => Err(MessageError::UnknownFormat(format!(
+                "body: {}",
+                truncate(&body.to_string(), 200)
+            ))),
+        }
+    }
+
+    fn from_fields(
+        protocol: Protocol,
+        name: &str,
+        f: &Map<String, Value>,
+    ) -> Result<Self, MessageError> {
+        let id = match f.get("id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) if !other.is_null() => other.to_string(),
+            _ => return Err(MessageError::Invalid(format!("task {name} has no id"))),
+        };
+        let when = |key: &str| -> Result<Option<DateTime<Utc>>, MessageError> {
+            match f.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => parse_iso8601(s)
+                    .map(Some)
+                    .ok_or_else(|| MessageError::Invalid(format!("invalid {key} value {s:?}"))),
+                Some(other) => Err(MessageError::Invalid(format!(
+                    "invalid {key} value {other}"
+                ))),
+            }
+        };
+        let text = |key: &str| f.get(key).and_then(Value::as_str).map(str::to_owned);
+        Ok(TaskMessage {
+            protocol,
+            name: name.to_owned(),
+            id,
+            shadow: text("shadow"),
+            eta: when("eta")?,
+            expires: when("expires")?,
+            root_id: text("root_id"),
+            argsrepr: text("argsrepr").unwrap_or_default(),
+            kwargsrepr: text("kwargsrepr").unwrap_or_default(),
+            ignore_result: f.get("ignore_result").and_then(Value::as_bool),
+        })
+    }
+}
+
+static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The request description a pool child turns into `fast_trace_task`'s request dict
+/// (`celery/worker/request.py: Request.__init__` builds the same from a kombu Message).
+pub struct ChildMeta;
+
+impl ChildMeta {
+    pub fn encode(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
+        let properties = Value::Object(delivery.properties.clone());
+        let meta = json!({
+            "name": msg.name,
+            "id": msg.id,
+            "proto": if msg.protocol == Protocol::V1 { 1 } else { 2 },
+            "content_type": delivery.content_type,
+            "content_encoding": delivery.content_encoding,
+            "headers": if msg.protocol == Protocol::V2 { delivery.headers.clone() } else {
+                match &delivery.headers { Value::Object(_) => delivery.headers.clone(), _ => json!({}) }
+            },
+            "extras": {
+                "reply_to": delivery.properties.get("reply_to").cloned().unwrap_or(Value::Null),
+                "correlation_id": delivery.properties.get("correlation_id").cloned().unwrap_or(Value::Null),
+                "hostname": hostname,
+                "delivery_info": {
+                    "exchange": delivery.exchange,
+                    "routing_key": delivery.routing_key,
+                    "priority": delivery.properties.get("priority").cloned().unwrap_or(Value::Null),
+                    "redelivered": delivery.redelivered,
+                },
+                "properties": properties,
+            },
+        });
+        serde_json::to_vec(&meta).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(headers: Value, body: &[u8], content_type: &str) -> Delivery {
+        Delivery {
+            tag: "t".into(),
+            queue: "celery".into(),
+            exchange: String::new(),
+            routing_key: "celery".into(),
+            redelivered: false,
+            content_type: content_type.into(),
+            content_encoding: "utf-8".into(),
+            headers,
+            properties: Map::new(),
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn v2_from_headers() {
+        let d = delivery(
+            json!({"task": "a.add", "id": "1", "eta": "2026-11-24T00:41:01.219773+00:00", "shadow": null}),
+            b"[[1],{},{}]",
+            "application/json",
+        );
+        let m = TaskMessage::parse(&d).unwrap();
+        assert_eq!(m.protocol, Protocol::V2);
+        assert_eq!(m.name, "a.add");
+        assert_eq!(m.display_name(), "a.add");
+        assert!(m.eta.is_some());
+        assert!(m.expires.is_none());
+    }
+
+    #[test]
+    fn v1_from_body() {
+        let d = delivery(
+            json!({}),
+            br#"{"task": "a.add", "id": "9", "args": [1], "kwargs": {}}"#,
+            "application/json",
+        );
+        let m = TaskMessage::parse(&d).unwrap();
+        assert_eq!(m.protocol, Protocol::V1);
+        assert_eq!(m.id, "9");
+    }
+
+    #[test]
+    fn bad_messages_map_to_stock_outcomes() {
+        let d = delivery(json!([1, 2]), b"[]", "application/json");
+        assert!(matches!(
+            TaskMessage::parse(&d),
+            Err(MessageError::UnknownFormat(_))
+        ));
+        let d = delivery(json!({}), b"not json", "application/json");
+        assert!(matches!(
+            TaskMessage::parse(&d),
+            Err(MessageError::Decode(_))
+        ));
+        let d = delivery(json!({}), b"[1, 2]", "application/json");
+        assert!(matches!(
+            TaskMessage::parse(&d),
+            Err(MessageError::UnknownFormat(_))
+        ));
+        let d = delivery(
+            json!({"task": "a", "id": "1", "eta": "soon"}),
+            b"[]",
+            "application/json",
+        );
+        assert!(matches!(
+            TaskMessage::parse(&d),
+            Err(MessageError::Invalid(_))
+        ));
+        let d = delivery(json!({"task": "a"}), b"[]", "application/json");
+        assert!(matches!(
+            TaskMessage::parse(&d),
+            Err(MessageError::Invalid(_))
+        ));
+        let d = delivery(json!({"task": 5, "id": "1"}), b"[]", "application/json");
+        assert!(matches!(
+            TaskMessage::parse(&d),
+            Err(MessageError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn child_meta_carries_request_fields() {
+        let mut d = delivery(
+            json!({"task": "a.add", "id": "1"}),
+            b"[]",
+            "application/json",
+        );
+        d.properties.insert("reply_to".into(), json!("r"));
+        d.properties.insert("priority".into(), json!(3));
+        let m = TaskMessage::parse(&d).unwrap();
+        let meta: Value = serde_json::from_slice(&ChildMeta::encode(&d, &m, "w@h")).unwrap();
+        assert_eq!(meta["extras"]["reply_to"], "r");
+        assert_eq!(meta["extras"]["delivery_info"]["priority"], 3);
+        assert_eq!(meta["extras"]["hostname"], "w@h");
+        assert_eq!(meta["headers"]["task"], "a.add");
+    }
+}

@@ -1,0 +1,116 @@
+//! Brokers: the one seam between celeriac and RabbitMQ, Redis, SQS or a folder.
+//!
+//! A transport consumes from a set of queues while the prefetch window has room, and settles
+//! each delivery exactly once: ack, reject, requeue (to the back) or restore (to the front,
+//! for messages given back unstarted at shutdown).
+
+pub mod redis;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// One message handed to the worker by the broker, not yet settled.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Broker-specific delivery tag (a uuid4 string on Redis, as kombu's producer sets it).
+    pub tag: String,
+    /// The queue it was consumed from.
+    pub queue: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub redelivered: bool,
+    pub content_type: String,
+    pub content_encoding: String,
+    /// Message headers; a mapping unless the producer was broken.
+    pub headers: Value,
+    /// All message properties, including `delivery_info` on Redis.
+    pub properties: Map<String, Value>,
+    /// The serialized body, already unwrapped from the transport's envelope.
+    pub body: Vec<u8>,
+}
+
+/// How a delivery leaves the worker's hands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with it (also `reject(requeue=False)` on transports without dead-lettering).
+    Ack(String),
+    /// `reject(requeue=False)`.
+    Reject(String),
+    /// `reject(requeue=True)`: back of the queue.
+    Requeue(String),
+    /// Given back unstarted at shutdown: front of the queue, consumed next.
+    Restore(String),
+}
+
+/// A queue the worker consumes from, as the app's `task_queues` / `-Q` define it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct QueueSpec {
+    pub name: String,
+    #[serde(default)]
+    pub exchange: String,
+    #[serde(default = "direct")]
+    pub exchange_type: String,
+    #[serde(default)]
+    pub routing_key: String,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+    #[serde(default)]
+    pub exclusive: bool,
+    #[serde(default)]
+    pub max_priority: Option<u8>,
+    #[serde(default)]
+    pub queue_arguments: Map<String, Value>,
+}
+
+fn direct() -> String {
+    "direct".into()
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("unsupported broker URL {0:?} (this build supports redis://)")]
+    UnsupportedUrl(String),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The transport seam. Implementations keep their own record of the deliveries they handed
+/// out, so settling needs only the tag.
+pub trait Transport: Send + Sync + 'static {
+    /// Declare queues and bindings so producers routing through exchanges reach them.
+    fn declare(
+        &self,
+        queues: &[QueueSpec],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Consume from `queues` until `stop` turns true. One permit of `window` is taken per
+    /// delivery and given back when it is settled, which is what bounds the prefetch.
+    fn consume(
+        self: Arc<Self>,
+        queues: Vec<QueueSpec>,
+        window: Arc<Semaphore>,
+        deliveries: mpsc::Sender<Delivery>,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()>;
+
+    /// Settle a batch of deliveries. Each settled delivery gives one permit back to `window`.
+    fn settle(&self, batch: Vec<Settle>)
+        -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Give back every delivery still held (shutdown): to the front of its queue.
+    fn restore_all(&self) -> impl Future<Output = Result<usize, TransportError>> + Send;
+
+    /// Housekeeping the broker needs while the worker runs (visibility timeouts, ...).
+    fn maintain(self: Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()>;
+}

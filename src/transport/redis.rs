@@ -1,0 +1,641 @@
+//! Redis, laid out exactly as kombu lays it out (`kombu/transport/redis.py`), so a stock worker,
+//! stock producers and celeriac share one broker.
+//!
+//! Queues are lists (`LPUSH` by producers, `BRPOP` here), priorities are extra lists named
+//! `<queue>\x06\x16<step>`, and acks are emulated with the `unacked` hash and `unacked_index`
+//! sorted set, which a visibility-timeout sweep restores when their worker died.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, Script};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, error, info, warn};
+
+use super::{Delivery, QueueSpec, Settle, Transport, TransportError};
+
+const SEP: &str = "\x06\x16";
+const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+const BRPOP_TIMEOUT: f64 = 1.0;
+
+/// Moves a held message back into a queue, atomically with removing it from the unacked
+/// records, and only if it is still there (another worker's sweep may have restored it).
+const RESTORE_SCRIPT: &str = r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if ARGV[3] == 'left' then
+    redis.call('LPUSH', KEYS[3], ARGV[2])
+  else
+    redis.call('RPUSH', KEYS[3], ARGV[2])
+  end
+  return 1
+end
+return 0
+"#;
+
+/// Transport options kombu reads for Redis (`broker_transport_options`).
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub visibility_timeout: f64,
+    pub global_keyprefix: String,
+    pub unacked_key: String,
+    pub unacked_index_key: String,
+    pub unacked_mutex_key: String,
+    pub unacked_mutex_expire: u64,
+    /// Seconds between sweeps for messages whose worker died (kombu: 10 s × throttle 10).
+    pub restore_interval: f64,
+}
+
+impl RedisOptions {
+    pub fn from_transport_options(o: &Map<String, Value>) -> Self {
+        let num = |k: &str, d: f64| o.get(k).and_then(Value::as_f64).unwrap_or(d);
+        let text = |k: &str, d: &str| o.get(k).and_then(Value::as_str).unwrap_or(d).to_owned();
+        RedisOptions {
+            visibility_timeout: num("visibility_timeout", 3600.0),
+            global_keyprefix: text("global_keyprefix", ""),
+            unacked_key: text("unacked_key", "unacked"),
+            unacked_index_key: text("unacked_index_key", "unacked_index"),
+            unacked_mutex_key: text("unacked_mutex_key", "unacked_mutex"),
+            unacked_mutex_expire: num("unacked_mutex_expire", 300.0) as u64,
+            restore_interval: num("unacked_restore_interval", 10.0)
+                * num("unacked_restore_throttle", 10.0),
+        }
+    }
+}
+
+/// A delivery this worker holds unsettled: what is needed to give it back.
+struct Held {
+    queue: String,
+    priority: u8,
+    envelope: String,
+}
+
+pub struct RedisTransport {
+    client: redis::Client,
+    conn: MultiplexedConnection,
+    opts: RedisOptions,
+    held: Mutex<HashMap<String, Held>>,
+    restore: Script,
+}
+
+/// kombu's `redis+socket://` is the redis crate's `redis+unix://`.
+fn to_client_url(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("redis+socket://") {
+        return format!("redis+unix://{rest}");
+    }
+    url.to_owned()
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `Channel._q_for_pri`: priority step 0 is the bare queue name.
+fn queue_for_priority(queue: &str, step: u8) -> String {
+    if step == 0 {
+        queue.to_owned()
+    } else {
+        format!("{queue}{SEP}{step}")
+    }
+}
+
+/// `Channel.priority`: clamp to 0..9 and round down to a step.
+pub fn priority_step(priority: i64) -> u8 {
+    let p = priority.clamp(0, 9) as u8;
+    PRIORITY_STEPS
+        .iter()
+        .copied()
+        .filter(|s| *s <= p)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The key BRPOP returned, back to its queue name (strip the priority suffix).
+fn queue_of_key(key: &str) -> &str {
+    match key.rfind(SEP) {
+        Some(i) if key[i + SEP.len()..].parse::<u8>().is_ok() => &key[..i],
+        _ => key,
+    }
+}
+
+/// The BRPOP key list: priority-major, queue-minor (`Channel._brpop_start`).
+fn brpop_keys(prefix: &str, queues: &[String]) -> Vec<String> {
+    PRIORITY_STEPS
+        .iter()
+        .flat_map(|step| {
+            queues
+                .iter()
+                .map(move |q| format!("{prefix}{}", queue_for_priority(q, *step)))
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("not a JSON object: {0}")]
+    NotJson(String),
+    #[error("body: {0}")]
+    Body(String),
+}
+
+/// Unwrap kombu's stored envelope (reference §2.1).
+pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError> {
+    let v: Value = serde_json::from_str(raw).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
+    let Value::Object(mut env) = v else {
+        return Err(EnvelopeError::NotJson("envelope is not a mapping".into()));
+    };
+    let mut properties = match env.remove("properties") {
+        Some(Value::Object(p)) => p,
+        _ => Map::new(),
+    };
+    let body_encoding = properties
+        .get("body_encoding")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let body = match env.remove("body") {
+        Some(Value::String(s)) if body_encoding == "base64" => {
+            base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(|e| EnvelopeError::Body(format!("invalid base64: {e}")))?
+        }
+        Some(Value::String(s)) => s.into_bytes(),
+        Some(Value::Null) | None => Vec::new(),
+        Some(other) => other.to_string().into_bytes(),
+    };
+    let delivery_info = properties.get("delivery_info").and_then(Value::as_object);
+    let exchange = delivery_info
+        .and_then(|d| d.get("exchange"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let routing_key = delivery_info
+        .and_then(|d| d.get("routing_key"))
+        .and_then(Value::as_str)
+        .unwrap_or(queue)
+        .to_owned();
+    let redelivered = delivery_info
+        .and_then(|d| d.get("redelivered"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let tag = match properties.get("delivery_tag").and_then(Value::as_str) {
+        Some(t) => t.to_owned(),
+        None => {
+            let t = uuid::Uuid::new_v4().to_string();
+            properties.insert("delivery_tag".into(), Value::String(t.clone()));
+            t
+        }
+    };
+    let text = |env: &Map<String, Value>, k: &str| {
+        env.get(k).and_then(Value::as_str).unwrap_or("").to_owned()
+    };
+    Ok(Delivery {
+        tag,
+        queue: queue.to_owned(),
+        exchange,
+        routing_key,
+        redelivered,
+        content_type: text(&env, "content-type"),
+        content_encoding: text(&env, "content-encoding"),
+        headers: env.remove("headers").unwrap_or(Value::Null),
+        properties,
+        body,
+    })
+}
+
+/// `Channel._do_restore_message`: mark a stored envelope as redelivered.
+fn mark_redelivered(envelope: &str) -> String {
+    let Ok(Value::Object(mut env)) = serde_json::from_str::<Value>(envelope) else {
+        return envelope.to_owned();
+    };
+    if let Some(Value::Object(h)) = env.get_mut("headers") {
+        h.insert("redelivered".into(), Value::Bool(true));
+    }
+    if let Some(Value::Object(p)) = env.get_mut("properties") {
+        if let Some(Value::Object(d)) = p.get_mut("delivery_info") {
+            d.insert("redelivered".into(), Value::Bool(true));
+        }
+    }
+    serde_json::to_string(&Value::Object(env)).unwrap_or_else(|_| envelope.to_owned())
+}
+
+fn envelope_priority(envelope_props: &Map<String, Value>) -> u8 {
+    priority_step(
+        envelope_props
+            .get("priority")
+            .and_then(Value::as_i64)
+            .unwrap_or(0),
+    )
+}
+
+impl RedisTransport {
+    pub async fn connect(url: &str, opts: RedisOptions) -> Result<Self, TransportError> {
+        let client = redis::Client::open(to_client_url(url))?;
+        let conn = client.get_multiplexed_async_connection().await?;
+        Ok(RedisTransport {
+            client,
+            conn,
+            opts,
+            held: Mutex::new(HashMap::new()),
+            restore: Script::new(RESTORE_SCRIPT),
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{}", self.opts.global_keyprefix, name)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record a delivery in the unacked hash and index (`QoS.append`), before any task code.
+    async fn record_unacked(
+        &self,
+        conn: &mut MultiplexedConnection,
+        d: &Delivery,
+        raw: &str,
+    ) -> Result<(), TransportError> {
+        let stored = format!(
+            "[{raw}, {}, {}]",
+            Value::String(d.exchange.clone()),
+            Value::String(d.routing_key.clone())
+        );
+        redis::pipe()
+            .atomic()
+            .zadd(self.key(&self.opts.unacked_index_key), &d.tag, now_secs())
+            .ignore()
+            .hset(self.key(&self.opts.unacked_key), &d.tag, stored)
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn give_back(
+        &self,
+        tag: &str,
+        held: Held,
+        leftmost: bool,
+    ) -> Result<bool, TransportError> {
+        let mut conn = self.conn.clone();
+        let target = self.key(&queue_for_priority(&held.queue, held.priority));
+        let moved: i64 = self
+            .restore
+            .key(self.key(&self.opts.unacked_key))
+            .key(self.key(&self.opts.unacked_index_key))
+            .key(target)
+            .arg(tag)
+            .arg(mark_redelivered(&held.envelope))
+            .arg(if leftmost { "left" } else { "right" })
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// `QoS.restore_visible`: give back messages unacked for longer than the visibility
+    /// timeout whose worker is gone. Messages this worker holds are kept fresh instead.
+    async fn restore_visible(&self) -> Result<usize, TransportError> {
+        let mut conn = self.conn.clone();
+        let token = uuid::Uuid::new_v4().to_string();
+        let mutex = self.key(&self.opts.unacked_mutex_key);
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&mutex)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.opts.unacked_mutex_expire * 1000)
+            .query_async(&mut conn)
+            .await?;
+        if locked.is_none() {
+            return Ok(0);
+        }
+        let ceil = now_secs() - self.opts.visibility_timeout;
+        let stale: Vec<String> = conn
+            .zrangebyscore(self.key(&self.opts.unacked_index_key), "-inf", ceil)
+            .await?;
+        let mut restored = 0;
+        for tag in stale {
+            if self.held().contains_key(&tag) {
+                continue;
+            }
+            let stored: Option<String> = conn.hget(self.key(&self.opts.unacked_key), &tag).await?;
+            let Some(stored) = stored else { continue };
+            match parse_stored(&stored) {
+                Some(held) => {
+                    if self.give_back(&tag, held, false).await? {
+                        restored += 1;
+                    }
+                }
+                None => warn!("Could not restore message {tag}: unreadable unacked entry"),
+            }
+        }
+        // Release the mutex only if it is still ours (redis-py's Lock does the same).
+        let _: i64 = Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+            .key(&mutex)
+            .arg(&token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(restored)
+    }
+
+    /// Keep the unacked index entries of messages we hold fresh, so no sweep (ours or a stock
+    /// worker's) redelivers a task that is merely waiting or running here.
+    async fn refresh_held(&self) -> Result<(), TransportError> {
+        let tags: Vec<String> = self.held().keys().cloned().collect();
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let now = now_secs();
+        let mut pipe = redis::pipe();
+        let index = self.key(&self.opts.unacked_index_key);
+        for chunk in tags.chunks(500) {
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(&index).arg("XX");
+            for tag in chunk {
+                cmd.arg(now).arg(tag);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// An `unacked` hash value: `[envelope, exchange, routing_key]`.
+fn parse_stored(stored: &str) -> Option<Held> {
+    let v: Value = serde_json::from_str(stored).ok()?;
+    let arr = v.as_array()?;
+    let envelope = arr.first()?;
+    let exchange = arr.get(1).and_then(Value::as_str).unwrap_or("");
+    let routing_key = arr.get(2).and_then(Value::as_str).unwrap_or("");
+    // Anonymous exchange: the routing key is the queue. Named exchanges route by their
+    // binding table; the queue a Celery task message came from is its routing key's queue.
+    let _ = exchange;
+    let props = envelope
+        .get("properties")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    Some(Held {
+        queue: routing_key.to_owned(),
+        priority: envelope_priority(&props),
+        envelope: envelope.to_string(),
+    })
+}
+
+impl Transport for RedisTransport {
+    async fn declare(&self, queues: &[QueueSpec]) -> Result<(), TransportError> {
+        // `_kombu.binding.<exchange>` and, since kombu 5.7, the permanent twin for queues
+        // without `x-expires`, so producers routing through the exchange reach the queue.
+        let mut pipe = redis::pipe();
+        for q in queues {
+            let exchange = if q.exchange.is_empty() {
+                q.name.clone()
+            } else {
+                q.exchange.clone()
+            };
+            let member = format!("{}{SEP}{SEP}{}", q.routing_key, q.name);
+            pipe.sadd(self.key(&format!("_kombu.binding.{exchange}")), &member)
+                .ignore();
+            if !q.queue_arguments.contains_key("x-expires") {
+                pipe.sadd(
+                    self.key(&format!("_kombu.binding_permanent.{exchange}")),
+                    &member,
+                )
+                .ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    fn consume(
+        self: Arc<Self>,
+        queues: Vec<QueueSpec>,
+        window: Arc<Semaphore>,
+        deliveries: mpsc::Sender<Delivery>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut names: Vec<String> = queues.iter().map(|q| q.name.clone()).collect();
+            let mut conn: Option<MultiplexedConnection> = None;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                let permit = tokio::select! {
+                    p = window.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = stop.changed() => return,
+                };
+                if conn.is_none() {
+                    match self.client.get_multiplexed_async_connection().await {
+                        Ok(c) => {
+                            conn = Some(c);
+                            backoff = Duration::from_millis(100);
+                        }
+                        Err(e) => {
+                            error!("consumer: Cannot connect to redis: {e}. Trying again in {:.2} seconds...", backoff.as_secs_f64());
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            continue;
+                        }
+                    }
+                }
+                let Some(c) = conn.as_mut() else { continue };
+                let keys = brpop_keys(&self.opts.global_keyprefix, &names);
+                let mut brpop = redis::cmd("BRPOP");
+                brpop.arg(&keys).arg(BRPOP_TIMEOUT);
+                let popped: Result<Option<(String, String)>, _> = tokio::select! {
+                    r = brpop.query_async(c) => r,
+                    _ = stop.changed() => return,
+                };
+                let (key, raw) = match popped {
+                    Ok(Some(item)) => item,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
+                        conn = None;
+                        continue;
+                    }
+                };
+                let key = key
+                    .strip_prefix(&self.opts.global_keyprefix)
+                    .unwrap_or(&key)
+                    .to_owned();
+                let queue = queue_of_key(&key).to_owned();
+                // Round-robin: the queue just served goes to the back (`queue_order_strategy`).
+                if let Some(i) = names.iter().position(|n| *n == queue) {
+                    let n = names.remove(i);
+                    names.push(n);
+                }
+                let delivery = match decode_envelope(&raw, &queue) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Nothing can run it and it was never recorded as unacked: say so loudly.
+                        error!(
+                            "Discarding a message from queue {queue:?} that is not a kombu envelope ({e}): {}",
+                            raw.chars().take(512).collect::<String>()
+                        );
+                        continue;
+                    }
+                };
+                if let Err(e) = self.record_unacked(c, &delivery, &raw).await {
+                    // The message is in hand but unrecorded: put it back rather than lose it.
+                    error!(
+                        "Could not record delivery {} as unacked ({e}); putting it back",
+                        delivery.tag
+                    );
+                    let _: Result<(), _> = c.rpush(self.key(&key), &raw).await;
+                    conn = None;
+                    continue;
+                }
+                let priority = envelope_priority(&delivery.properties);
+                self.held().insert(
+                    delivery.tag.clone(),
+                    Held {
+                        queue: queue.clone(),
+                        priority,
+                        envelope: raw,
+                    },
+                );
+                permit.forget();
+                if deliveries.send(delivery).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    async fn settle(&self, batch: Vec<Settle>) -> Result<(), TransportError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut give_back = Vec::new();
+        for op in batch {
+            match op {
+                Settle::Ack(tag) | Settle::Reject(tag) => {
+                    self.held().remove(&tag);
+                    pipe.zrem(self.key(&self.opts.unacked_index_key), &tag)
+                        .ignore();
+                    pipe.hdel(self.key(&self.opts.unacked_key), &tag).ignore();
+                }
+                Settle::Requeue(tag) => give_back.push((tag, true)),
+                Settle::Restore(tag) => give_back.push((tag, false)),
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        for (tag, leftmost) in give_back {
+            let held = self.held().remove(&tag);
+            if let Some(held) = held {
+                self.give_back(&tag, held, leftmost).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn restore_all(&self) -> Result<usize, TransportError> {
+        let all: Vec<(String, Held)> = self.held().drain().collect();
+        let mut n = 0;
+        for (tag, held) in all {
+            if self.give_back(&tag, held, false).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let refresh_every =
+                Duration::from_secs_f64((self.opts.visibility_timeout / 4.0).clamp(1.0, 300.0));
+            let sweep_every = Duration::from_secs_f64(self.opts.restore_interval.max(1.0));
+            let mut refresh = tokio::time::interval(refresh_every);
+            let mut sweep = tokio::time::interval(sweep_every);
+            loop {
+                tokio::select! {
+                    _ = refresh.tick() => {
+                        if let Err(e) = self.refresh_held().await {
+                            warn!("Could not refresh unacked messages: {e}");
+                        }
+                    }
+                    _ = sweep.tick() => match self.restore_visible().await {
+                        Ok(0) => {}
+                        Ok(n) => info!("Restored {n} unacknowledged message(s) past the visibility timeout"),
+                        Err(e) => debug!("Visibility restore skipped: {e}"),
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_steps_round_down() {
+        assert_eq!(priority_step(0), 0);
+        assert_eq!(priority_step(2), 0);
+        assert_eq!(priority_step(5), 3);
+        assert_eq!(priority_step(9), 9);
+        assert_eq!(priority_step(42), 9);
+        assert_eq!(priority_step(-1), 0);
+    }
+
+    #[test]
+    fn brpop_order_is_priority_major() {
+        let keys = brpop_keys("", &["a".into(), "b".into()]);
+        assert_eq!(keys[0], "a");
+        assert_eq!(keys[1], "b");
+        assert_eq!(keys[2], "a\x06\x163");
+        assert_eq!(keys[7], "b\x06\x169");
+        assert_eq!(queue_of_key("a\x06\x163"), "a");
+        assert_eq!(queue_of_key("plain"), "plain");
+    }
+
+    #[test]
+    fn decodes_a_captured_kombu_envelope() {
+        let raw = r#"{"body": "W1syLCAzXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d", "content-encoding": "utf-8", "content-type": "application/json", "headers": {"lang": "py", "task": "refapp.add", "id": "11111111-1111-1111-1111-111111111111"}, "properties": {"correlation_id": "11111111-1111-1111-1111-111111111111", "reply_to": "847919b4", "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "640b6710-3948-4add-a3e8-a2047847dc53"}}"#;
+        let d = decode_envelope(raw, "celery").unwrap();
+        assert_eq!(d.tag, "640b6710-3948-4add-a3e8-a2047847dc53");
+        assert_eq!(d.routing_key, "celery");
+        assert_eq!(d.content_type, "application/json");
+        assert!(d.body.starts_with(b"[[2, 3], {}"));
+        assert_eq!(d.headers["task"], "refapp.add");
+        let again = mark_redelivered(raw);
+        let v: Value = serde_json::from_str(&again).unwrap();
+        assert_eq!(v["headers"]["redelivered"], true);
+        assert_eq!(v["properties"]["delivery_info"]["redelivered"], true);
+    }
+
+    #[test]
+    fn rejects_broken_envelopes() {
+        assert!(decode_envelope("nope", "q").is_err());
+        assert!(decode_envelope("[1]", "q").is_err());
+        assert!(decode_envelope(
+            r#"{"body": "!!", "properties": {"body_encoding": "base64"}}"#,
+            "q"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn parses_unacked_entries() {
+        let h = parse_stored(r#"[{"properties": {"priority": 6}}, "", "celery"]"#).unwrap();
+        assert_eq!(h.queue, "celery");
+        assert_eq!(h.priority, 6);
+        assert!(parse_stored("garbage").is_none());
+    }
+}

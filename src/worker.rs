@@ -1,0 +1,199 @@
+//! `celeriac worker`: start the zygote, read the app's configuration, connect to the broker and
+//! run the consumer until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{error, info, warn};
+
+use crate::cli::{Cli, WorkerArgs};
+use crate::config::{zygote_options, AppInfo, WorkerSettings};
+use crate::consumer::{acker, Channels, Consumer};
+use crate::embed::interpreter;
+use crate::ops::{banner, logging, pidfile::Pidfile, signals};
+use crate::pool::{zygote, Pool};
+use crate::transport::redis::{RedisOptions, RedisTransport};
+use crate::transport::{Transport, TransportError};
+
+/// Deliveries buffered between the transport and the consumer; the prefetch window is the
+/// real bound, this only decouples the two tasks.
+const DELIVERY_BUFFER: usize = 1024;
+/// `broker_connection_max_retries` default.
+const CONNECT_RETRIES: u32 = 100;
+
+/// Entry point; returns the process exit code. Must run before any thread is started.
+pub fn run(cli: &Cli, worker: &WorkerArgs) -> i32 {
+    logging::init(&worker.loglevel);
+    if let Some(dir) = &cli.workdir {
+        if let Err(e) = std::env::set_current_dir(dir) {
+            error!("Cannot change to --workdir {}: {e}", dir.display());
+            return 1;
+        }
+    }
+    if cli.app_locator().is_none() {
+        error!(
+            "No Celery app given: pass -A/--app (e.g. `celeriac -A core worker`) or set CELERY_APP"
+        );
+        return 1;
+    }
+    let python = interpreter::choose(cli.python.as_deref());
+    if let Err(msg) = interpreter::check_compatible(&python) {
+        error!("{msg}");
+        return 1;
+    }
+    for flag in worker.not_yet.given() {
+        warn!("{flag} is accepted for compatibility with `celery worker` but not implemented by celeriac yet; ignoring it");
+    }
+    // Fork the zygote first: the process must have no threads when it forks.
+    let pending = match zygote::start(zygote_options(cli, worker).to_string(), python) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("Cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(supervise(pending, worker.clone()))
+}
+
+async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
+    let (pool_tx, pool_rx) = mpsc::unbounded_channel();
+    let (zygote, info) = match pending.bootstrap(pool_tx.clone()).await {
+        Ok(z) => z,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let app: AppInfo = match serde_json::from_slice(&info) {
+        Ok(a) => a,
+        Err(e) => {
+            error!("The zygote reported an unreadable configuration: {e}");
+            return 1;
+        }
+    };
+    let settings = match WorkerSettings::resolve(&worker, &app) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let _pidfile = match worker.pidfile.as_deref().map(Pidfile::create).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let transport = match connect(&app).await {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            error!("consumer: Cannot connect to {}: {e}", app.broker_display);
+            return 1;
+        }
+    };
+    if let Err(e) = transport.declare(&settings.queues).await {
+        error!("Cannot declare queues: {e}");
+        return 1;
+    }
+    println!("{}", banner::render(&app, &settings));
+    info!("Connected to {}", app.broker_display);
+    let stops = match signals::listen() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("Cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+    run_consumer(transport, settings, app, zygote, pool_tx, pool_rx, stops).await
+}
+
+async fn connect(app: &AppInfo) -> Result<RedisTransport, TransportError> {
+    let url = app.broker_url.as_str();
+    let scheme = url.split("://").next().unwrap_or("");
+    if !matches!(scheme, "redis" | "redis+socket" | "unix") {
+        return Err(TransportError::UnsupportedUrl(app.broker_display.clone()));
+    }
+    let opts = RedisOptions::from_transport_options(&app.conf.broker_transport_options);
+    let mut delay = Duration::from_millis(500);
+    let mut attempt = 0;
+    loop {
+        match RedisTransport::connect(url, opts.clone()).await {
+            Ok(t) => return Ok(t),
+            Err(e) if attempt < CONNECT_RETRIES => {
+                attempt += 1;
+                error!(
+                    "consumer: Cannot connect to {}: {e}.\nTrying again in {:.2} seconds... ({attempt}/{CONNECT_RETRIES})",
+                    app.broker_display,
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_consumer<T: Transport>(
+    transport: Arc<T>,
+    settings: Arc<WorkerSettings>,
+    app: AppInfo,
+    zygote: zygote::Zygote,
+    pool_tx: mpsc::UnboundedSender<crate::pool::PoolEvent>,
+    pool_rx: mpsc::UnboundedReceiver<crate::pool::PoolEvent>,
+    stops: mpsc::UnboundedReceiver<signals::Stop>,
+) -> i32 {
+    let prefetch = match settings.prefetch_count() {
+        0 => Semaphore::MAX_PERMITS / 2,
+        n => n,
+    };
+    let window = Arc::new(Semaphore::new(prefetch));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_BUFFER);
+    let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+    let consuming = transport.clone().consume(
+        settings.queues.clone(),
+        window.clone(),
+        delivery_tx,
+        stop_rx.clone(),
+    );
+    let maintenance = transport.clone().maintain(stop_rx);
+    let acking = tokio::spawn(acker::run(transport.clone(), settle_rx, window.clone()));
+    let pool = Pool::new(zygote, pool_tx);
+    let channels = Channels {
+        pool_events: pool_rx,
+        deliveries: delivery_rx,
+        settle: settle_tx,
+        window,
+        stop_consuming: stop_tx,
+    };
+    let consumer = Consumer::new(settings, app.tasks, pool, channels);
+    let code = consumer.run(stops).await;
+    // The consumer dropped its settle sender: the acker drains what is left and ends.
+    let _ = consuming.await;
+    maintenance.abort();
+    if tokio::time::timeout(Duration::from_secs(10), acking)
+        .await
+        .is_err()
+    {
+        error!("Timed out acknowledging the last messages; they will be redelivered");
+    }
+    match transport.restore_all().await {
+        Ok(0) => {}
+        Ok(n) => info!("Restored {n} message(s) still held at shutdown"),
+        Err(e) => error!("Could not restore held messages at shutdown: {e}"),
+    }
+    code
+}

@@ -1,0 +1,136 @@
+"""The Celery app the integration tests run under celeriac (and stock celery, for comparison)."""
+
+import os
+import time
+
+from celery import Celery
+from celery.exceptions import Reject
+from celery.signals import task_prerun, worker_process_init
+
+app = Celery("testapp")
+app.conf.update(
+    broker_url=os.environ.get("CELERIAC_TEST_BROKER", "redis://127.0.0.1:6379/10"),
+    result_backend=os.environ.get("CELERIAC_TEST_BACKEND", "redis://127.0.0.1:6379/11"),
+    task_acks_late=os.environ.get("TESTAPP_ACKS_LATE") == "1",
+    worker_prefetch_multiplier=int(os.environ.get("TESTAPP_PREFETCH_MULTIPLIER", "4")),
+)
+if os.environ.get("TESTAPP_QUEUES"):
+    from kombu import Queue
+
+    app.conf.task_queues = [Queue(q) for q in os.environ["TESTAPP_QUEUES"].split(",")]
+
+_events = {"process_init": 0}
+
+
+@worker_process_init.connect
+def _on_process_init(**kwargs):
+    _events["process_init"] += 1
+
+
+@task_prerun.connect
+def _on_prerun(task_id=None, task=None, **kwargs):
+    # A user signal handler in the child: prove it ran by writing to Redis.
+    if task is not None and task.name == "testapp.signal_probe":
+        _redis().set(f"prerun:{task_id}", "1")
+
+
+def _redis():
+    import redis
+
+    return redis.Redis.from_url(app.conf.result_backend)
+
+
+class TestError(Exception):
+    pass
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def echo(*args, **kwargs):
+    return {"args": list(args), "kwargs": kwargs}
+
+
+@app.task
+def fail(message):
+    raise TestError(message)
+
+
+@app.task(bind=True)
+def whoami(self):
+    return {
+        "id": self.request.id,
+        "hostname": self.request.hostname,
+        "retries": self.request.retries,
+        "delivery_info": self.request.delivery_info,
+        "process_init": _events["process_init"],
+    }
+
+
+@app.task
+def signal_probe():
+    return _redis().get(f"prerun:{signal_probe.request.id}") == b"1"
+
+
+@app.task
+def sleep(seconds, marker=None):
+    if marker:
+        _redis().rpush(marker, "start")
+    time.sleep(seconds)
+    if marker:
+        _redis().rpush(marker, "end")
+    return seconds
+
+
+@app.task
+def count(key):
+    """Record a run in Redis: how many times each task id ran."""
+    return _redis().hincrby(key, count.request.id, 1)
+
+
+@app.task(ignore_result=True)
+def ignored(x):
+    return x
+
+
+@app.task(acks_late=True)
+def late_sleep(seconds, marker=None):
+    return sleep(seconds, marker)
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def die_once(key):
+    """Kill our own process the first time; succeed when redelivered."""
+    if _redis().incr(key) == 1:
+        os.kill(os.getpid(), 9)
+    return "survived"
+
+
+@app.task
+def die():
+    os.kill(os.getpid(), 9)
+
+
+@app.task(bind=True)
+def retrying(self, key):
+    n = _redis().incr(key)
+    if n < 3:
+        raise self.retry(countdown=0.1, max_retries=5)
+    return n
+
+
+@app.task
+def reject(requeue):
+    raise Reject("no thanks", requeue=requeue)
+
+
+@app.task
+def sys_info():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
+    return {"executable": sys.executable, "prefix": sys.prefix, "subprocess_prefix": out.stdout.strip()}

@@ -1,0 +1,144 @@
+"""Integration tests: the real celeriac binary, a real Redis, a real Celery producer.
+
+Each test gets empty Redis databases (broker and results) and starts celeriac through the
+`worker` fixture, which captures its log and makes sure it is stopped afterwards.
+"""
+
+import os
+import signal as signals
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+BIN = Path(os.environ.get("CELERIAC_BIN", ROOT / "target" / "debug" / "celeriac"))
+REDIS_HOST = os.environ.get("CELERIAC_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
+BROKER_DB, BACKEND_DB = 10, 11
+BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
+BACKEND_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}"
+
+os.environ["CELERIAC_TEST_BROKER"] = BROKER_URL
+os.environ["CELERIAC_TEST_BACKEND"] = BACKEND_URL
+if str(APPS) not in sys.path:
+    sys.path.insert(0, str(APPS))
+
+
+@pytest.fixture
+def broker():
+    """The broker's Redis database, emptied before the test."""
+    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_DB)
+    r.flushdb()
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BACKEND_DB).flushdb()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def backend():
+    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BACKEND_DB)
+    yield r
+    r.close()
+
+
+class Worker:
+    """A celeriac (or stock celery) worker process started by a test."""
+
+    def __init__(self, args, tmp_path, cwd=APPS, env=None, command=None, name="worker"):
+        self.logfile = tmp_path / f"{name}-{time.monotonic_ns()}.log"
+        full_env = dict(os.environ)
+        full_env.setdefault("VIRTUAL_ENV", sys.prefix)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.update(env or {})
+        self.command = (command or [str(BIN)]) + list(args)
+        self._log = open(self.logfile, "wb")
+        self.proc = subprocess.Popen(
+            self.command, cwd=str(cwd), env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return self.logfile.read_text(errors="replace")
+
+    def wait_for(self, text, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}) before {text!r}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not seen within {timeout}s:\n{self.log()}")
+
+    def wait_ready(self, timeout=30.0):
+        self.wait_for(" ready.", timeout)
+        return self
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signals.SIGTERM, timeout=30.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"worker did not stop within {timeout}s:\n{self.log()}")
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signals.SIGKILL)
+            self.proc.wait(10)
+
+    def wait_exit(self, timeout=30.0):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker still running after {timeout}s:\n{self.log()}")
+
+
+@pytest.fixture
+def worker(tmp_path, broker):
+    """Start celeriac: worker(["-A", "testapp", "worker", ...]). Stopped (killed if need be) at the end."""
+    started = []
+
+    def start(args, **kw):
+        w = Worker(args, tmp_path, **kw)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signals.SIGTERM)
+            try:
+                w.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        else:
+            try:
+                os.killpg(w.proc.pid, signals.SIGKILL)  # children left behind, if any
+            except ProcessLookupError:
+                pass
+        w._log.close()
+
+
+def pytest_configure(config):
+    if not BIN.exists():
+        raise pytest.UsageError(f"celeriac binary not found at {BIN}: run `cargo build` first (scripts/test does)")
+    try:
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2).ping()
+    except Exception as exc:  # a missing broker fails the run, it never skips tests
+        raise pytest.UsageError(f"Redis is required at {REDIS_HOST}:{REDIS_PORT}: {exc}")

@@ -1,0 +1,192 @@
+"""Tasks sent by the real celery package run under celeriac on Redis, results come back."""
+
+import json
+import time
+import uuid
+
+import pytest
+from celery import chain, chord, group
+
+import testapp
+
+WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
+
+
+def test_delay_and_get(worker):
+    w = worker(WORKER).wait_ready()
+    assert testapp.add.delay(2, 3).get(timeout=10) == 5
+    assert testapp.echo.apply_async((1, "a"), {"k": [1, 2]}).get(timeout=10) == {"args": [1, "a"], "kwargs": {"k": [1, 2]}}
+    log = w.log()
+    assert "Task testapp.add[" in log and "] received" in log
+    assert "succeeded in" in log
+
+
+def test_failure_reraises_same_exception(worker):
+    worker(WORKER).wait_ready()
+    result = testapp.fail.delay("it broke")
+    with pytest.raises(testapp.TestError) as info:
+        result.get(timeout=10)
+    assert str(info.value) == "it broke"
+    assert result.state == "FAILURE"
+
+
+def test_bind_request_and_signals(worker):
+    worker(WORKER + ["-n", "probe@%h"]).wait_ready()
+    res = testapp.whoami.apply_async(priority=3)
+    info = res.get(timeout=10)
+    assert info["id"] == res.id
+    assert info["hostname"].startswith("probe@")
+    assert info["retries"] == 0
+    assert info["delivery_info"]["routing_key"] == "celery"
+    assert info["process_init"] == 1  # worker_process_init ran once in this child
+    assert testapp.signal_probe.delay().get(timeout=10) is True  # task_prerun ran in the child
+
+
+def test_ignore_result(worker, backend):
+    worker(WORKER).wait_ready()
+    r = testapp.ignored.delay(7)
+    marker = testapp.add.delay(1, 1)  # FIFO: once this is done, ignored has run
+    assert marker.get(timeout=10) == 2
+    time.sleep(0.2)
+    assert backend.get(f"celery-task-meta-{r.id}") is None
+
+
+def test_many_tasks_and_concurrency(worker):
+    worker(WORKER).wait_ready()
+    results = [testapp.add.delay(i, i) for i in range(200)]
+    assert [r.get(timeout=30) for r in results] == [2 * i for i in range(200)]
+
+
+def test_sys_executable_is_the_virtualenvs(worker):
+    import sys
+
+    worker(WORKER).wait_ready()
+    info = testapp.sys_info.delay().get(timeout=10)
+    assert info["prefix"] == sys.prefix
+    assert info["subprocess_prefix"] == sys.prefix
+
+
+def test_countdown_waits_and_runs(worker, broker):
+    worker(WORKER).wait_ready()
+    start = time.time()
+    r = testapp.add.apply_async((1, 2), countdown=1.5)
+    time.sleep(0.5)
+    # Held unacked while waiting: recorded in kombu's unacked hash, not yet run.
+    assert r.state == "PENDING"
+    assert broker.hlen("unacked") == 1
+    assert r.get(timeout=10) == 3
+    assert time.time() - start >= 1.4
+
+
+def test_retry_then_success(worker):
+    worker(WORKER).wait_ready()
+    key = f"retry:{uuid.uuid4()}"
+    assert testapp.retrying.delay(key).get(timeout=20) == 3
+
+
+def test_canvas_chain_group_chord(worker):
+    worker(WORKER).wait_ready()
+    assert chain(testapp.add.s(1, 2), testapp.add.s(3), testapp.add.s(4))().get(timeout=20) == 10
+    assert group(testapp.add.s(i, i) for i in range(5))().get(timeout=20) == [0, 2, 4, 6, 8]
+    assert chord([testapp.add.s(1, 1), testapp.add.s(2, 2)], testapp.echo.s())().get(timeout=20) == {
+        "args": [[2, 4]], "kwargs": {}}
+
+
+def test_protocol_v1_message(worker):
+    from celery import Celery
+
+    worker(WORKER).wait_ready()
+    old = Celery("old_producer", broker=testapp.app.conf.broker_url, backend=testapp.app.conf.result_backend)
+    old.conf.task_protocol = 1
+    r = old.send_task("testapp.add", (20, 22))
+    assert r.get(timeout=10) == 42
+
+
+def test_queues_option(worker, broker):
+    worker(WORKER + ["-Q", "alpha,beta"]).wait_ready()
+    assert testapp.add.apply_async((1, 1), queue="beta").get(timeout=10) == 2
+    assert testapp.add.apply_async((2, 2), queue="alpha").get(timeout=10) == 4
+    # Bindings exactly as kombu declares them, so named-exchange routing reaches the queue.
+    assert b"beta\x06\x16\x06\x16beta" in broker.smembers("_kombu.binding.beta")
+    # Not consumed from the default queue.
+    r = testapp.add.apply_async((3, 3), queue="celery")
+    time.sleep(1)
+    assert r.state == "PENDING"
+    assert broker.llen("celery") == 1
+
+
+def test_priorities_use_kombu_priority_lists(worker, broker):
+    # Fill the queue before the worker starts: lower number = served first on Redis.
+    low = testapp.add.apply_async((0, 1), priority=9)
+    high = testapp.add.apply_async((0, 2), priority=0)
+    assert broker.llen("celery\x06\x169") == 1 and broker.llen("celery") == 1
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multiplier", "1"]).wait_ready()
+    assert high.get(timeout=10) == 2 and low.get(timeout=10) == 1
+    log = w.log()
+    assert log.index(f"[{high.id}] received") < log.index(f"[{low.id}] received")
+
+
+def test_acks_late_per_task_acks_after_return(worker, broker):
+    worker(WORKER).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    r = testapp.late_sleep.delay(1.0, marker)
+    deadline = time.time() + 10
+    while broker.connection_pool.connection_kwargs and time.time() < deadline:
+        if testapp._redis().lrange(marker, 0, -1) == [b"start"]:
+            break
+        time.sleep(0.02)
+    assert broker.hlen("unacked") == 1  # still unacked while running
+    assert r.get(timeout=10) == 1.0
+    time.sleep(0.2)
+    assert broker.hlen("unacked") == 0
+
+
+def test_early_ack_acks_at_start(worker, broker):
+    worker(WORKER).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    r = testapp.sleep.delay(1.0, marker)
+    deadline = time.time() + 10
+    while time.time() < deadline and testapp._redis().lrange(marker, 0, -1) != [b"start"]:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert broker.hlen("unacked") == 0  # acked when the child started it
+    assert r.get(timeout=10) == 1.0
+
+
+def test_acks_late_global_setting(worker, broker):
+    worker(WORKER, env={"TESTAPP_ACKS_LATE": "1"}).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    r = testapp.sleep.delay(1.0, marker)
+    deadline = time.time() + 10
+    while time.time() < deadline and testapp._redis().lrange(marker, 0, -1) != [b"start"]:
+        time.sleep(0.02)
+    assert broker.hlen("unacked") == 1
+    assert r.get(timeout=10) == 1.0
+
+
+def test_prefetch_limits_unacked(worker, broker):
+    # -c 1 × multiplier 2: one running (acked early) + at most 2 held.
+    worker(["-A", "testapp", "worker", "-c", "1", "--prefetch-multiplier", "2", "-l", "info"]).wait_ready()
+    results = [testapp.sleep.delay(0.5) for _ in range(6)]
+    time.sleep(0.8)
+    assert broker.hlen("unacked") <= 2
+    assert broker.llen("celery") >= 2
+    for r in results:
+        r.get(timeout=20)
+
+
+def test_reject_requeue_false_stores_failure(worker):
+    worker(WORKER).wait_ready()
+    r = testapp.reject.delay(False)
+    with pytest.raises(testapp.Reject):
+        r.get(timeout=10)
+    assert r.state == "FAILURE"
+
+
+def test_stored_meta_matches_celery(worker, backend):
+    worker(WORKER).wait_ready()
+    r = testapp.add.delay(40, 2)
+    assert r.get(timeout=10) == 42
+    meta = json.loads(backend.get(f"celery-task-meta-{r.id}"))
+    assert meta["status"] == "SUCCESS" and meta["result"] == 42 and meta["task_id"] == r.id
+    assert meta["date_done"]
