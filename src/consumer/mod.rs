@@ -205,7 +205,7 @@ impl Consumer {
     /// `Consumer.on_unknown_task`: log, reject, and store FAILURE with `NotRegistered`.
     fn on_unknown_task(&mut self, delivery: Delivery, message: TaskMessage) {
         error!(
-            "Received unregistered task of type {:?}.\nThe message has been ignored and discarded.\n\n\
+            "Received unregistered task of type '{}'.\nThe message has been ignored and discarded.\n\n\
              Did you remember to import the module containing this task?\nOr maybe you're using relative imports?\n\n\
              The full contents of the message headers:\n{}\n\nThe delivery info for this task is:\n{{\"exchange\": {:?}, \"routing_key\": {:?}}}",
             message.name, delivery.headers, delivery.exchange, delivery.routing_key

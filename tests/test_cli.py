@@ -1,0 +1,91 @@
+"""The command line behaves like `celery worker`'s (issue: Step 1, points 2 and 3)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import APPS, BIN
+
+import testapp
+
+
+def run(args, env=None, timeout=60):
+    full_env = dict(os.environ, VIRTUAL_ENV=sys.prefix)
+    full_env.update(env or {})
+    return subprocess.run([str(BIN), *args], cwd=APPS, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_missing_app_module_is_one_clear_line_and_exit_1(broker):
+    p = run(["-A", "no_such_module_here", "worker"])
+    assert p.returncode == 1
+    errors = [line for line in p.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, p.stderr
+    assert "Unable to load celery application" in errors[0]
+    assert "no_such_module_here" in errors[0]
+
+
+def test_broken_app_is_one_clear_line_and_exit_1(broker):
+    p = run(["-A", "brokenapp", "worker"])
+    assert p.returncode == 1
+    errors = [line for line in p.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, p.stderr
+    assert "this_dependency_is_missing" in errors[0]
+
+
+def test_no_app_at_all(broker):
+    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_APP", "APP")}
+    p = subprocess.run([str(BIN), "worker"], cwd=APPS, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert "-A/--app" in p.stderr
+
+
+def test_usage_errors_exit_2(broker):
+    p = run(["-A", "testapp", "worker", "--no-such-flag"])
+    assert p.returncode == 2
+
+
+def test_app_from_environment_and_options_from_celeriac_variables(worker):
+    w = worker(["worker"], env={"CELERY_APP": "testapp", "CELERIAC_LOGLEVEL": "INFO", "CELERIAC_CONCURRENCY": "3",
+                                "CELERIAC_HOSTNAME": "envnode@%h"})
+    w.wait_ready()
+    log = w.log()
+    assert ".> concurrency: 3" in log
+    assert "envnode@" in log
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+
+
+def test_app_after_subcommand_and_module_attr_form(worker):
+    w = worker(["worker", "--app=testapp:app", "-l", "info", "-c", "1"]).wait_ready()
+    assert testapp.add.delay(2, 2).get(timeout=10) == 4
+    assert "testapp.add" in w.log()  # the banner lists registered tasks
+
+
+def test_stock_flags_not_implemented_warn(worker):
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--max-tasks-per-child", "5", "-O", "fair",
+                "--without-mingle", "--without-gossip", "--without-heartbeat", "-E"]).wait_ready()
+    assert "--max-tasks-per-child is accepted for compatibility" in w.log()
+    assert testapp.add.delay(2, 2).get(timeout=10) == 4
+
+
+def test_broker_flag_overrides_app_config(worker, broker):
+    other = "redis://127.0.0.1:6379/9"
+    import redis
+
+    r9 = redis.Redis.from_url(other)
+    r9.delete("celery", "unacked", "unacked_index")
+    w = worker(["-A", "testapp", "-b", other, "worker", "-l", "info", "-c", "1"]).wait_ready()
+    assert "127.0.0.1:6379/9" in w.log()
+    from celery import Celery
+
+    producer = Celery("p", broker=other, backend=testapp.app.conf.result_backend)
+    assert producer.send_task("testapp.add", (5, 5)).get(timeout=10) == 10
+
+
+def test_pidfile(worker, tmp_path):
+    pidfile = tmp_path / "w.pid"
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--pidfile", str(pidfile)]).wait_ready()
+    assert int(pidfile.read_text()) == w.pid
+    second = run(["-A", "testapp", "worker", "-c", "1", "--pidfile", str(pidfile)])
+    assert second.returncode == 1 and "held by running process" in second.stderr
+    assert w.stop() == 0
+    assert not pidfile.exists()

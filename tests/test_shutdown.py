@@ -1,0 +1,71 @@
+"""Warm and cold shutdown as the stock worker does them (issue: Step 1, point 9)."""
+
+import json
+import signal
+import time
+import uuid
+
+import testapp
+
+WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multiplier", "4"]
+
+
+def wait_started(marker, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if testapp._redis().lrange(marker, 0, -1):
+            return
+        time.sleep(0.02)
+    raise AssertionError("task did not start")
+
+
+def test_warm_shutdown_finishes_running_and_gives_back_prefetched(worker, broker):
+    w = worker(WORKER).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    running = testapp.sleep.delay(1.5, marker)
+    waiting = [testapp.add.delay(i, i) for i in range(3)]
+    wait_started(marker)
+    time.sleep(0.2)
+    assert broker.hlen("unacked") == 3  # prefetched behind the running task
+    w.signal(signal.SIGTERM)
+    w.wait_for("Warm shutdown")
+    time.sleep(0.3)
+    # Given back at once, to the front of the queue, marked redelivered; not run here.
+    assert broker.llen("celery") == 3
+    assert broker.hlen("unacked") == 0
+    first = json.loads(broker.lindex("celery", -1))
+    assert first["properties"]["delivery_info"]["redelivered"] is True
+    assert w.wait_exit(20) == 0
+    assert running.get(timeout=5) == 1.5  # the running task finished
+    assert all(r.state == "PENDING" for r in waiting)
+    # Another worker picks them up.
+    worker(WORKER).wait_ready()
+    assert [r.get(timeout=10) for r in waiting] == [0, 2, 4]
+
+
+def test_sigint_twice_is_cold(worker, broker):
+    w = worker(WORKER).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    r = testapp.late_sleep.delay(30, marker)
+    wait_started(marker)
+    w.signal(signal.SIGINT)
+    w.wait_for("Warm shutdown")
+    w.signal(signal.SIGINT)
+    assert w.wait_exit(15) == 1
+    assert "Cold shutdown" in w.log()
+    # The acks_late task never finished: its message is back in the queue for redelivery.
+    assert broker.llen("celery") == 1 and broker.hlen("unacked") == 0
+    assert r.state == "PENDING"
+
+
+def test_sigquit_is_cold(worker):
+    w = worker(WORKER).wait_ready()
+    w.signal(signal.SIGQUIT)
+    assert w.wait_exit(15) == 1
+
+
+def test_sigint_once_is_warm_with_exit_1(worker):
+    w = worker(WORKER).wait_ready()
+    w.signal(signal.SIGINT)
+    assert w.wait_exit(15) == 1
+    assert "Warm shutdown" in w.log()
