@@ -15,7 +15,6 @@ use crate::transport::QueueSpec;
 pub struct AppInfo {
     pub hostname: String,
     pub app: String,
-    pub pid: i32,
     pub celery_version: String,
     pub python_version: String,
     pub executable: String,
@@ -66,14 +65,9 @@ impl TaskOptions {
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub hostname: String,
-    pub loglevel: String,
     pub concurrency: usize,
     pub prefetch_multiplier: usize,
     pub task_events: bool,
-    pub without_mingle: bool,
-    pub without_gossip: bool,
-    pub without_heartbeat: bool,
-    pub broker_url: String,
     pub accept_content: Vec<String>,
     pub queues: Vec<QueueSpec>,
 }
@@ -131,14 +125,9 @@ impl WorkerSettings {
         }
         Ok(WorkerSettings {
             hostname: app.hostname.clone(),
-            loglevel: worker.loglevel.clone(),
             concurrency: layered.concurrency,
             prefetch_multiplier: layered.prefetch_multiplier,
             task_events: layered.task_events,
-            without_mingle: worker.without_mingle,
-            without_gossip: worker.without_gossip,
-            without_heartbeat: worker.without_heartbeat,
-            broker_url: app.broker_url.clone(),
             accept_content: app.conf.accept_content.clone(),
             queues: app.queues.clone(),
         })
@@ -181,7 +170,7 @@ mod tests {
 
     fn app_info(conf: Value) -> AppInfo {
         serde_json::from_value(json!({
-            "hostname": "celery@h", "app": "<Celery x>", "pid": 1, "celery_version": "5.7.0",
+            "hostname": "celery@h", "app": "<Celery x>", "celery_version": "5.7.0",
             "python_version": "3.11.7", "executable": "/usr/bin/python3",
             "broker_url": "redis://", "broker_display": "redis://", "result_backend": null,
             "queues": [{"name": "celery", "exchange": "celery", "routing_key": "celery"}],

@@ -54,14 +54,6 @@ impl<T> EtaQueue<T> {
         self.heap.clear();
         self.items.drain().map(|(_, v)| v).collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -83,8 +75,7 @@ mod tests {
             q.pop_due(now + Duration::seconds(2)),
             vec!["soon-a", "soon-b"]
         );
-        assert_eq!(q.len(), 1);
         assert_eq!(q.drain(), vec!["late"]);
-        assert!(q.is_empty());
+        assert_eq!(q.next_due(), None);
     }
 }

@@ -161,7 +161,7 @@ impl Consumer {
         }
         match request.message.eta {
             Some(due) if due > Utc::now() => self.hold_until_eta(due, request),
-            _ => self.ready.push_back(Job::Task(request)),
+            _ => self.ready.push_back(Job::Task(Box::new(request))),
         }
     }
 
@@ -175,7 +175,7 @@ impl Consumer {
 
     fn release_due(&mut self) {
         for request in self.eta.pop_due(Utc::now()) {
-            self.ready.push_back(Job::Task(request));
+            self.ready.push_back(Job::Task(Box::new(request)));
         }
     }
 
@@ -257,7 +257,7 @@ impl Consumer {
                     if request.is_expired() {
                         self.pool.put_back_idle(index);
                         if let Job::Task(request) = job {
-                            self.discard_expired(request);
+                            self.discard_expired(*request);
                         }
                         continue;
                     }
@@ -310,7 +310,7 @@ impl Consumer {
             PoolEvent::Done { index, report } => {
                 self.pool.on_done(index);
                 match self.active.remove(&index) {
-                    Some(Job::Task(request)) => self.on_task_done(request, &report),
+                    Some(Job::Task(request)) => self.on_task_done(*request, &report),
                     Some(Job::Record(_)) => {}
                     None => warn!("ForkPoolWorker-{index} reported a job it was not given"),
                 }

@@ -46,7 +46,7 @@ impl Request {
 #[derive(Debug)]
 pub enum Job {
     /// Run a task.
-    Task(Request),
+    Task(Box<Request>),
     /// Store an outcome no task run produced (unregistered, expired, worker lost), through the
     /// app's own backend in the child, exactly as Celery writes it.
     Record(Value),

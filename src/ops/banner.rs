@@ -30,6 +30,7 @@ pub fn render(app: &AppInfo, settings: &WorkerSettings) -> String {
 - ** ---------- .> app:         {app_name}
 - ** ---------- .> transport:   {transport}
 - ** ---------- .> results:     {results}
+- ** ---------- .> python:      {python} ({executable})
 - *** --- * --- .> concurrency: {concurrency} (prefork, celeriac)
 -- ******* ---- .> task events: {events}
 --- ***** -----
@@ -41,6 +42,8 @@ pub fn render(app: &AppInfo, settings: &WorkerSettings) -> String {
         app_name = app.app,
         transport = app.broker_display,
         concurrency = settings.concurrency,
+        python = app.python_version,
+        executable = app.executable,
     );
     for q in &settings.queues {
         out.push_str(&format!(

@@ -22,8 +22,6 @@ pub use zygote::{ExitStatus, Zygote};
 pub struct DoneReport {
     /// success, failure, retry, ignored, rejected, decode_error, invalid, recorded.
     pub outcome: String,
-    #[serde(default)]
-    pub runtime: Option<f64>,
     /// For `rejected`: `Reject(requeue=...)`.
     #[serde(default)]
     pub requeue: bool,
@@ -121,7 +119,6 @@ impl Pool {
                                 error!("ForkPoolWorker-{index} sent an unreadable report: {e}");
                                 let report = DoneReport {
                                     outcome: "failure".into(),
-                                    runtime: None,
                                     requeue: false,
                                 };
                                 let _ = events.send(PoolEvent::Done { index, report });
@@ -210,17 +207,6 @@ impl Pool {
 
     pub fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    pub fn busy_count(&self) -> usize {
-        self.slots
-            .values()
-            .filter(|s| s.state == SlotState::Busy)
-            .count()
     }
 
     /// Warm stop: close every child's socket; each finishes and exits on end of stream.

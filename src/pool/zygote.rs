@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::{fork, ForkResult};
 use serde::Deserialize;
 use tokio::io::Interest;
 use tokio::net::unix::OwnedWriteHalf;
@@ -51,7 +51,6 @@ struct ExitReport {
 
 /// A forked zygote whose app is still loading.
 pub struct PendingZygote {
-    pub pid: Pid,
     stream: StdUnixStream,
 }
 
@@ -86,12 +85,9 @@ pub fn start(options_json: String, python: PathBuf) -> Result<PendingZygote, Zyg
             let code = crate::embed::run_zygote(theirs.into_raw_fd(), &options_json, &python);
             std::process::exit(code);
         }
-        ForkResult::Parent { child } => {
+        ForkResult::Parent { .. } => {
             drop(theirs);
-            Ok(PendingZygote {
-                pid: child,
-                stream: ours,
-            })
+            Ok(PendingZygote { stream: ours })
         }
     }
 }
@@ -108,22 +104,20 @@ impl PendingZygote {
         let stream =
             UnixStream::from_std(self.stream).map_err(|e| ZygoteError::Start(e.to_string()))?;
         let (mut reader, writer) = stream.into_split();
-        let info = loop {
-            match frame::read(&mut reader).await {
-                Ok(Some((Kind::Bootstrap, payload))) => break payload,
-                Ok(Some((Kind::Fatal, payload))) => {
-                    return Err(ZygoteError::AppFailed(
-                        String::from_utf8_lossy(&payload).into_owned(),
-                    ))
-                }
-                Ok(Some((kind, _))) => {
-                    return Err(ZygoteError::Protocol(format!(
-                        "unexpected {kind:?} before bootstrap"
-                    )))
-                }
-                Ok(None) => return Err(ZygoteError::DiedEarly),
-                Err(e) => return Err(ZygoteError::Protocol(e.to_string())),
+        let info = match frame::read(&mut reader).await {
+            Ok(Some((Kind::Bootstrap, payload))) => payload,
+            Ok(Some((Kind::Fatal, payload))) => {
+                return Err(ZygoteError::AppFailed(
+                    String::from_utf8_lossy(&payload).into_owned(),
+                ))
             }
+            Ok(Some((kind, _))) => {
+                return Err(ZygoteError::Protocol(format!(
+                    "unexpected {kind:?} before bootstrap"
+                )))
+            }
+            Ok(None) => return Err(ZygoteError::DiedEarly),
+            Err(e) => return Err(ZygoteError::Protocol(e.to_string())),
         };
         tokio::spawn(async move {
             loop {
@@ -154,7 +148,6 @@ impl PendingZygote {
         });
         Ok((
             Zygote {
-                pid: self.pid,
                 writer: Some(writer),
             },
             info,
@@ -163,7 +156,6 @@ impl PendingZygote {
 }
 
 pub struct Zygote {
-    pub pid: Pid,
     writer: Option<OwnedWriteHalf>,
 }
 

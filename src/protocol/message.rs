@@ -38,9 +38,6 @@ pub struct TaskMessage {
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub root_id: Option<String>,
-    pub argsrepr: String,
-    pub kwargsrepr: String,
-    pub ignore_result: Option<bool>,
 }
 
 impl TaskMessage {
@@ -115,9 +112,6 @@ impl TaskMessage {
             eta: when("eta")?,
             expires: when("expires")?,
             root_id: text("root_id"),
-            argsrepr: text("argsrepr").unwrap_or_default(),
-            kwargsrepr: text("kwargsrepr").unwrap_or_default(),
-            ignore_result: f.get("ignore_result").and_then(Value::as_bool),
         })
     }
 }
@@ -171,7 +165,6 @@ mod tests {
     fn delivery(headers: Value, body: &[u8], content_type: &str) -> Delivery {
         Delivery {
             tag: "t".into(),
-            queue: "celery".into(),
             exchange: String::new(),
             routing_key: "celery".into(),
             redelivered: false,

@@ -18,8 +18,6 @@ use tokio::sync::{mpsc, watch, Semaphore};
 pub struct Delivery {
     /// Broker-specific delivery tag (a uuid4 string on Redis, as kombu's producer sets it).
     pub tag: String,
-    /// The queue it was consumed from.
-    pub queue: String,
     pub exchange: String,
     pub routing_key: String,
     pub redelivered: bool,
@@ -81,8 +79,6 @@ pub enum TransportError {
     UnsupportedUrl(String),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("{0}")]
-    Other(String),
 }
 
 /// The transport seam. Implementations keep their own record of the deliveries they handed

@@ -197,7 +197,6 @@ pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError
     };
     Ok(Delivery {
         tag,
-        queue: queue.to_owned(),
         exchange,
         routing_key,
         redelivered,
