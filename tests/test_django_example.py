@@ -1,0 +1,36 @@
+"""The example Django project runs under celeriac, configured by environment variables alone,
+exactly as the Dockerfile's final stage runs it (issue: Step 1, points 11 and 13)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import BACKEND_URL, BROKER_URL, ROOT
+
+PROJECT = ROOT / "examples" / "django_project"
+
+
+def test_django_example_end_to_end(worker, tmp_path):
+    env = {
+        "CELERY_BROKER_URL": BROKER_URL,
+        "CELERY_RESULT_BACKEND": BACKEND_URL,
+        "DJANGO_DB_PATH": str(tmp_path / "db.sqlite3"),
+        "CELERIAC_LOGLEVEL": "INFO",
+        "CELERIAC_CONCURRENCY": "2",
+    }
+    full_env = dict(os.environ, **env)
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=full_env, check=True,
+                   capture_output=True)
+    # The image's CMD: no flags beyond the app, everything else from the environment.
+    w = worker(["-A", "core", "worker"], cwd=PROJECT, env=env).wait_ready()
+    out = subprocess.run([sys.executable, "manage.py", "enqueue", "--count", "4"], cwd=PROJECT, env=full_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr + w.log()
+    assert "add(2, 3) = 5" in out.stdout
+    assert "process_notes() = 4" in out.stdout
+    assert "fail() raised NoteError(on purpose)" in out.stdout
+    assert "count_notes = 4" in out.stdout
+    log = w.log()
+    assert "notes.tasks.create_note" in log  # autodiscovered and listed in the banner
+    assert ".> concurrency: 2" in log
+    assert w.stop() == 0
