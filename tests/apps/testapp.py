@@ -14,6 +14,10 @@ app.conf.update(
     task_acks_late=os.environ.get("TESTAPP_ACKS_LATE") == "1",
     worker_prefetch_multiplier=int(os.environ.get("TESTAPP_PREFETCH_MULTIPLIER", "4")),
 )
+if os.environ.get("TESTAPP_TRANSPORT_OPTIONS"):
+    import json
+
+    app.conf.broker_transport_options = json.loads(os.environ["TESTAPP_TRANSPORT_OPTIONS"])
 if os.environ.get("TESTAPP_QUEUES"):
     from kombu import Queue
 
@@ -134,3 +138,17 @@ def sys_info():
 
     out = subprocess.run([sys.executable, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
     return {"executable": sys.executable, "prefix": sys.prefix, "subprocess_prefix": out.stdout.strip()}
+
+
+def _child_exit(code):
+    os._exit(code)
+
+
+@app.task
+def uses_multiprocessing():
+    import multiprocessing
+
+    p = multiprocessing.Process(target=_child_exit, args=(7,))
+    p.start()
+    p.join(10)
+    return p.exitcode
