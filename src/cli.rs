@@ -128,41 +128,66 @@ pub struct WorkerArgs {
 /// Stock `celery worker` flags that celeriac accepts but does not act on yet.
 #[derive(Debug, Args, Clone, Default)]
 pub struct NotYetImplemented {
-    #[arg(short = 'D', long = "detach", hide = true)]
+    #[arg(short = 'D', long = "detach", env = "CELERIAC_DETACH", hide = true)]
     pub detach: bool,
-    #[arg(short = 'f', long = "logfile", hide = true)]
+    #[arg(short = 'f', long = "logfile", env = "CELERIAC_LOGFILE", hide = true)]
     pub logfile: Option<String>,
-    #[arg(long = "uid", hide = true)]
+    #[arg(long = "uid", env = "CELERIAC_UID", hide = true)]
     pub uid: Option<String>,
-    #[arg(long = "gid", hide = true)]
+    #[arg(long = "gid", env = "CELERIAC_GID", hide = true)]
     pub gid: Option<String>,
-    #[arg(long = "umask", hide = true)]
+    #[arg(long = "umask", env = "CELERIAC_UMASK", hide = true)]
     pub umask: Option<String>,
-    #[arg(long = "executable", hide = true)]
+    #[arg(long = "executable", env = "CELERIAC_EXECUTABLE", hide = true)]
     pub executable: Option<String>,
-    #[arg(short = 'S', long = "statedb", hide = true)]
+    #[arg(short = 'S', long = "statedb", env = "CELERIAC_STATEDB", hide = true)]
     pub statedb: Option<String>,
-    #[arg(short = 'P', long = "pool", hide = true)]
+    #[arg(short = 'P', long = "pool", env = "CELERIAC_POOL", hide = true)]
     pub pool: Option<String>,
-    #[arg(long = "time-limit", hide = true)]
+    #[arg(long = "time-limit", env = "CELERIAC_TIME_LIMIT", hide = true)]
     pub time_limit: Option<String>,
-    #[arg(long = "soft-time-limit", hide = true)]
+    #[arg(
+        long = "soft-time-limit",
+        env = "CELERIAC_SOFT_TIME_LIMIT",
+        hide = true
+    )]
     pub soft_time_limit: Option<String>,
-    #[arg(long = "max-tasks-per-child", hide = true)]
+    #[arg(
+        long = "max-tasks-per-child",
+        env = "CELERIAC_MAX_TASKS_PER_CHILD",
+        hide = true
+    )]
     pub max_tasks_per_child: Option<String>,
-    #[arg(long = "max-memory-per-child", hide = true)]
+    #[arg(
+        long = "max-memory-per-child",
+        env = "CELERIAC_MAX_MEMORY_PER_CHILD",
+        hide = true
+    )]
     pub max_memory_per_child: Option<String>,
-    #[arg(long = "pool-start-method", hide = true)]
+    #[arg(
+        long = "pool-start-method",
+        env = "CELERIAC_POOL_START_METHOD",
+        hide = true
+    )]
     pub pool_start_method: Option<String>,
-    #[arg(long = "purge", visible_alias = "discard", hide = true)]
+    #[arg(
+        long = "purge",
+        visible_alias = "discard",
+        env = "CELERIAC_PURGE",
+        hide = true
+    )]
     pub purge: bool,
-    #[arg(short = 'I', long = "include", hide = true)]
+    #[arg(short = 'I', long = "include", env = "CELERIAC_INCLUDE", hide = true)]
     pub include: Option<String>,
-    #[arg(long = "heartbeat-interval", hide = true)]
+    #[arg(
+        long = "heartbeat-interval",
+        env = "CELERIAC_HEARTBEAT_INTERVAL",
+        hide = true
+    )]
     pub heartbeat_interval: Option<String>,
-    #[arg(long = "autoscale", hide = true)]
+    #[arg(long = "autoscale", env = "CELERIAC_AUTOSCALE", hide = true)]
     pub autoscale: Option<String>,
-    #[arg(short = 'B', long = "beat", hide = true)]
+    #[arg(short = 'B', long = "beat", env = "CELERIAC_BEAT", hide = true)]
     pub beat: bool,
     #[arg(
         short = 's',
@@ -171,9 +196,13 @@ pub struct NotYetImplemented {
         hide = true
     )]
     pub schedule_filename: Option<String>,
-    #[arg(long = "scheduler", hide = true)]
+    #[arg(long = "scheduler", env = "CELERIAC_SCHEDULER", hide = true)]
     pub scheduler: Option<String>,
-    #[arg(long = "disable-prefetch", hide = true)]
+    #[arg(
+        long = "disable-prefetch",
+        env = "CELERIAC_DISABLE_PREFETCH",
+        hide = true
+    )]
     pub disable_prefetch: bool,
 }
 

@@ -190,3 +190,10 @@ def test_stored_meta_matches_celery(worker, backend):
     meta = json.loads(backend.get(f"celery-task-meta-{r.id}"))
     assert meta["status"] == "SUCCESS" and meta["result"] == 42 and meta["task_id"] == r.id
     assert meta["date_done"]
+
+
+def test_reject_requeue_true_with_acks_late_runs_again(worker):
+    worker(WORKER).wait_ready()
+    key = f"rej:{uuid.uuid4()}"
+    assert testapp.reject_once.delay(key).get(timeout=15) == "second time"
+    assert int(testapp._redis().get(key)) == 2

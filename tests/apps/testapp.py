@@ -152,3 +152,11 @@ def uses_multiprocessing():
     p.start()
     p.join(10)
     return p.exitcode
+
+
+@app.task(acks_late=True)
+def reject_once(key):
+    """Reject(requeue=True) the first time: the message goes back to the queue and runs again."""
+    if _redis().incr(key) == 1:
+        raise Reject("not yet", requeue=True)
+    return "second time"
