@@ -15,21 +15,22 @@ def run(args, env=None, timeout=60):
     return subprocess.run([str(BIN), *args], cwd=APPS, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_missing_app_module_is_one_clear_line_and_exit_1(broker):
-    p = run(["-A", "no_such_module_here", "worker"])
+def only_error_line(p):
+    """The process failed with exit code 1 and exactly one ERROR line; return it."""
     assert p.returncode == 1
     errors = [line for line in p.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1, p.stderr
-    assert "Unable to load celery application" in errors[0]
-    assert "no_such_module_here" in errors[0]
+    return errors[0]
+
+
+def test_missing_app_module_is_one_clear_line_and_exit_1(broker):
+    line = only_error_line(run(["-A", "no_such_module_here", "worker"]))
+    assert "Unable to load celery application" in line
+    assert "no_such_module_here" in line
 
 
 def test_broken_app_is_one_clear_line_and_exit_1(broker):
-    p = run(["-A", "brokenapp", "worker"])
-    assert p.returncode == 1
-    errors = [line for line in p.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1, p.stderr
-    assert "this_dependency_is_missing" in errors[0]
+    assert "this_dependency_is_missing" in only_error_line(run(["-A", "brokenapp", "worker"]))
 
 
 def test_no_app_at_all(broker):
