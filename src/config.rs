@@ -35,6 +35,9 @@ pub struct AppConf {
     pub accept_content: Vec<String>,
     #[serde(default)]
     pub broker_transport_options: Map<String, Value>,
+    pub broker_heartbeat: Option<f64>,
+    pub broker_connection_timeout: Option<f64>,
+    pub broker_connection_max_retries: Option<u32>,
 }
 
 /// The per-task options the supervisor acts on (`celery/app/task.py`, resolved from config).

@@ -13,6 +13,7 @@ use crate::consumer::{acker, Channels, Consumer};
 use crate::embed::interpreter;
 use crate::ops::{banner, logging, pidfile::Pidfile, signals};
 use crate::pool::{zygote, Pool};
+use crate::transport::amqp::{AmqpOptions, AmqpTransport};
 use crate::transport::redis::{RedisOptions, RedisTransport};
 use crate::transport::{Transport, TransportError};
 
@@ -96,19 +97,6 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
             return 1;
         }
     };
-    let transport = match connect(&app).await {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
-            error!("consumer: Cannot connect to {}: {e}", app.broker_display);
-            return 1;
-        }
-    };
-    if let Err(e) = transport.declare(&settings.queues).await {
-        error!("Cannot declare queues: {e}");
-        return 1;
-    }
-    println!("{}", banner::render(&app, &settings));
-    info!("Connected to {}", app.broker_display);
     let stops = match signals::listen() {
         Ok(s) => s,
         Err(e) => {
@@ -116,25 +104,100 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
             return 1;
         }
     };
-    run_consumer(transport, settings, app, zygote, pool_tx, pool_rx, stops).await
+    let scheme = app.broker_url.split("://").next().unwrap_or("").to_owned();
+    let parts = Parts {
+        settings,
+        app,
+        zygote,
+        pool_tx,
+        pool_rx,
+        stops,
+    };
+    match scheme.as_str() {
+        "redis" | "redis+socket" | "unix" => {
+            let opts =
+                RedisOptions::from_transport_options(&parts.app.conf.broker_transport_options);
+            let url = parts.app.broker_url.clone();
+            let connected =
+                with_retries(&parts.app, || RedisTransport::connect(&url, opts.clone())).await;
+            start(connected, parts).await
+        }
+        "amqp" | "pyamqp" | "amqps" | "pyamqps" | "librabbitmq" => {
+            let conf = &parts.app.conf;
+            let opts = AmqpOptions {
+                heartbeat: conf.broker_heartbeat.map(|h| h as u16),
+                connect_timeout_ms: conf.broker_connection_timeout.map(|t| (t * 1000.0) as u64),
+                max_retries: conf.broker_connection_max_retries,
+            };
+            let (url, display) = (
+                parts.app.broker_url.clone(),
+                parts.app.broker_display.clone(),
+            );
+            let connected = with_retries(&parts.app, || {
+                AmqpTransport::connect(&url, &display, opts.clone())
+            })
+            .await;
+            start(connected, parts).await
+        }
+        _ => {
+            error!(
+                "{}",
+                TransportError::UnsupportedUrl(parts.app.broker_display.clone())
+            );
+            1
+        }
+    }
 }
 
-async fn connect(app: &AppInfo) -> Result<RedisTransport, TransportError> {
-    let url = app.broker_url.as_str();
-    let scheme = url.split("://").next().unwrap_or("");
-    if !matches!(scheme, "redis" | "redis+socket" | "unix") {
-        return Err(TransportError::UnsupportedUrl(app.broker_display.clone()));
+/// What the consumer needs besides the transport.
+struct Parts {
+    settings: Arc<WorkerSettings>,
+    app: AppInfo,
+    zygote: zygote::Zygote,
+    pool_tx: mpsc::UnboundedSender<crate::pool::PoolEvent>,
+    pool_rx: mpsc::UnboundedReceiver<crate::pool::PoolEvent>,
+    stops: mpsc::UnboundedReceiver<signals::Stop>,
+}
+
+async fn start<T: Transport>(connected: Result<T, TransportError>, parts: Parts) -> i32 {
+    let transport = match connected {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            error!(
+                "consumer: Cannot connect to {}: {e}",
+                parts.app.broker_display
+            );
+            return 1;
+        }
+    };
+    if let Err(e) = transport.declare(&parts.settings.queues).await {
+        error!("Cannot declare queues: {e}");
+        return 1;
     }
-    let opts = RedisOptions::from_transport_options(&app.conf.broker_transport_options);
+    println!("{}", banner::render(&parts.app, &parts.settings));
+    info!("Connected to {}", parts.app.broker_display);
+    run_consumer(transport, parts).await
+}
+
+/// Connect at start-up, retrying as `broker_connection_retry_on_startup` does.
+async fn with_retries<T, F, Fut>(app: &AppInfo, mut connect: F) -> Result<T, TransportError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TransportError>>,
+{
+    let max = app
+        .conf
+        .broker_connection_max_retries
+        .unwrap_or(CONNECT_RETRIES);
     let mut delay = Duration::from_millis(500);
     let mut attempt = 0;
     loop {
-        match RedisTransport::connect(url, opts.clone()).await {
+        match connect().await {
             Ok(t) => return Ok(t),
-            Err(e) if attempt < CONNECT_RETRIES => {
+            Err(e) if attempt < max => {
                 attempt += 1;
                 error!(
-                    "consumer: Cannot connect to {}: {e}.\nTrying again in {:.2} seconds... ({attempt}/{CONNECT_RETRIES})",
+                    "consumer: Cannot connect to {}: {e}.\nTrying again in {:.2} seconds... ({attempt}/{max})",
                     app.broker_display,
                     delay.as_secs_f64()
                 );
@@ -146,15 +209,15 @@ async fn connect(app: &AppInfo) -> Result<RedisTransport, TransportError> {
     }
 }
 
-async fn run_consumer<T: Transport>(
-    transport: Arc<T>,
-    settings: Arc<WorkerSettings>,
-    app: AppInfo,
-    zygote: zygote::Zygote,
-    pool_tx: mpsc::UnboundedSender<crate::pool::PoolEvent>,
-    pool_rx: mpsc::UnboundedReceiver<crate::pool::PoolEvent>,
-    stops: mpsc::UnboundedReceiver<signals::Stop>,
-) -> i32 {
+async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
+    let Parts {
+        settings,
+        app,
+        zygote,
+        pool_tx,
+        pool_rx,
+        stops,
+    } = parts;
     let prefetch = match settings.prefetch_count() {
         0 => Semaphore::MAX_PERMITS / 2,
         n => n,
@@ -163,9 +226,11 @@ async fn run_consumer<T: Transport>(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_BUFFER);
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+    let (prefetch_tx, prefetch_rx) = watch::channel(prefetch);
     let consuming = transport.clone().consume(
         settings.queues.clone(),
         window.clone(),
+        prefetch_rx,
         delivery_tx,
         stop_rx.clone(),
     );
@@ -175,6 +240,7 @@ async fn run_consumer<T: Transport>(
     let channels = Channels {
         pool_events: pool_rx,
         deliveries: delivery_rx,
+        prefetch: prefetch_tx,
         settle: settle_tx,
         window,
         stop_consuming: stop_tx,

@@ -20,7 +20,13 @@ BIN = Path(os.environ.get("CELERIAC_BIN", ROOT / "target" / "debug" / "celeriac"
 REDIS_HOST = os.environ.get("CELERIAC_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
 BROKER_DB, BACKEND_DB = 10, 11
-BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
+# The whole suite runs once per broker: CELERIAC_TEST_BROKER_KIND=redis (default) or amqp.
+BROKER_KIND = os.environ.get("CELERIAC_TEST_BROKER_KIND", "redis")
+AMQP_VHOST = "celeriac-test"
+if BROKER_KIND == "amqp":
+    BROKER_URL = f"amqp://guest:guest@127.0.0.1:5672/{AMQP_VHOST}"
+else:
+    BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
 BACKEND_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}"
 
 os.environ["CELERIAC_TEST_BROKER"] = BROKER_URL
@@ -29,14 +35,80 @@ if str(APPS) not in sys.path:
     sys.path.insert(0, str(APPS))
 
 
+class RedisBroker:
+    """The broker's Redis database, as tests inspect it."""
+
+    kind = "redis"
+
+    def __init__(self):
+        self.redis = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_DB)
+
+    def purge(self):
+        self.redis.flushdb()
+
+    def ready(self, queue="celery"):
+        """Messages waiting in a queue (all priority lists)."""
+        return sum(self.redis.llen(k) for k in [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)])
+
+    def unacked(self):
+        """Messages delivered to a worker and not yet acknowledged."""
+        return self.redis.hlen("unacked")
+
+    def close(self):
+        self.redis.close()
+
+
+class AmqpBroker:
+    """A RabbitMQ vhost of the tests' own, inspected with rabbitmqctl."""
+
+    kind = "amqp"
+
+    def _queues(self):
+        out = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "-p", AMQP_VHOST,
+                              "name", "messages_ready", "messages_unacknowledged"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+        rows = [line.split("\t") for line in out.splitlines() if line.strip()]
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows if len(r) == 3}
+
+    def purge(self):
+        import testapp
+
+        names = list(self._queues())
+        if names:
+            with testapp.app.connection_for_write() as conn:
+                channel = conn.default_channel
+                for name in names:
+                    channel.queue_delete(name)
+
+    def ready(self, queue="celery"):
+        return self._queues().get(queue, (0, 0))[0]
+
+    def unacked(self):
+        return sum(u for _, u in self._queues().values())
+
+    def close(self):
+        pass
+
+
+def _ensure_vhost():
+    subprocess.run(["rabbitmqctl", "add_vhost", AMQP_VHOST], capture_output=True, timeout=60)
+    subprocess.run(["rabbitmqctl", "set_permissions", "-p", AMQP_VHOST, "guest", ".*", ".*", ".*"],
+                   capture_output=True, check=True, timeout=60)
+
+
+def only_on(kind):
+    """Mark a test that inspects one broker's own data layout."""
+    return pytest.mark.skipif(BROKER_KIND != kind, reason=f"inspects {kind}'s own layout")
+
+
 @pytest.fixture
 def broker():
-    """The broker's Redis database, emptied before the test."""
-    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_DB)
-    r.flushdb()
+    """The broker the suite runs on, emptied before the test (and the result backend too)."""
+    b = AmqpBroker() if BROKER_KIND == "amqp" else RedisBroker()
+    b.purge()
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BACKEND_DB).flushdb()
-    yield r
-    r.close()
+    yield b
+    b.close()
 
 
 @pytest.fixture
@@ -142,3 +214,12 @@ def pytest_configure(config):
         redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2).ping()
     except Exception as exc:  # a missing broker fails the run, it never skips tests
         raise pytest.UsageError(f"Redis is required at {REDIS_HOST}:{REDIS_PORT}: {exc}")
+    if BROKER_KIND == "amqp":
+        try:
+            _ensure_vhost()
+        except Exception as exc:
+            raise pytest.UsageError(f"RabbitMQ is required at 127.0.0.1:5672 (rabbitmqctl): {exc}")
+
+
+def pytest_report_header(config):
+    return f"celeriac integration tests on {BROKER_KIND}: broker {BROKER_URL}, results {BACKEND_URL}"

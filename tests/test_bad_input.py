@@ -9,6 +9,7 @@ import pytest
 from celery.exceptions import NotRegistered
 
 import testapp
+from conftest import only_on
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "1"]
 
@@ -52,70 +53,76 @@ def test_unregistered_task_is_rejected_and_stored_as_failure(worker, broker):
         r.get(timeout=10)
     assert "Received unregistered task of type 'no.such.task'" in w.log()
     still_serving()
-    assert broker.hlen("unacked") == 0 and broker.llen("celery") == 0
+    assert broker.unacked() == 0 and broker.ready("celery") == 0
 
 
+@only_on("redis")  # crafts raw kombu envelopes
 def test_body_that_is_not_json(worker, broker):
     w = worker(WORKER).wait_ready()
     task_id = str(uuid.uuid4())
-    broker.lpush("celery", envelope(b"{this is not json", v2_headers("testapp.add", task_id)))
+    broker.redis.lpush("celery", envelope(b"{this is not json", v2_headers("testapp.add", task_id)))
     still_serving()
     w.wait_for("Can't decode message body")
-    assert broker.hlen("unacked") == 0  # acked, as stock does, so it does not loop
+    assert broker.unacked() == 0  # acked, as stock does, so it does not loop
     assert testapp.app.AsyncResult(task_id).state == "PENDING"
 
 
+@only_on("redis")  # crafts raw kombu envelopes
 def test_unsupported_content_type_is_rejected(worker, broker):
     w = worker(WORKER).wait_ready()
     task_id = str(uuid.uuid4())
-    broker.lpush("celery", envelope(b"\x80\x04garbage", v2_headers("testapp.add", task_id),
+    broker.redis.lpush("celery", envelope(b"\x80\x04garbage", v2_headers("testapp.add", task_id),
                                     content_type="application/x-python-serialize"))
     still_serving()
     w.wait_for("Refusing to deserialize untrusted content of type application/x-python-serialize")
-    assert broker.hlen("unacked") == 0
+    assert broker.unacked() == 0
     assert testapp.app.AsyncResult(task_id).state == "PENDING"
 
 
+@only_on("redis")  # crafts raw kombu envelopes
 def test_missing_headers_unknown_message(worker, broker):
     w = worker(WORKER).wait_ready()
-    broker.lpush("celery", envelope(b"[[1, 2], {}, {}]", {}))
-    broker.lpush("celery", envelope(b"[[1, 2], {}, {}]", ["not", "a", "mapping"]))
+    broker.redis.lpush("celery", envelope(b"[[1, 2], {}, {}]", {}))
+    broker.redis.lpush("celery", envelope(b"[[1, 2], {}, {}]", ["not", "a", "mapping"]))
     still_serving()
     w.wait_for("Received and deleted unknown message")
     assert w.log().count("Received and deleted unknown message") == 2
-    assert broker.hlen("unacked") == 0
+    assert broker.unacked() == 0
 
 
+@only_on("redis")  # crafts raw kombu envelopes
 def test_bad_eta_and_missing_id(worker, broker):
     w = worker(WORKER).wait_ready()
     headers = v2_headers("testapp.add", str(uuid.uuid4()))
     headers["eta"] = "next tuesday"
-    broker.lpush("celery", envelope(b"[[1, 2], {}, {}]", headers))
+    broker.redis.lpush("celery", envelope(b"[[1, 2], {}, {}]", headers))
     headers = v2_headers("testapp.add", "x")
     del headers["id"]
-    broker.lpush("celery", envelope(b"[[1, 2], {}, {}]", headers))
+    broker.redis.lpush("celery", envelope(b"[[1, 2], {}, {}]", headers))
     still_serving()
     w.wait_for("invalid eta value")
     w.wait_for("has no id")
-    assert broker.hlen("unacked") == 0
+    assert broker.unacked() == 0
 
 
+@only_on("redis")  # crafts raw kombu envelopes
 def test_kwargs_not_a_mapping_is_reported_as_stock_does(worker, broker):
     # Stock: the tracer raises InvalidTaskError outside the task body, logs it as an internal
     # error and stores nothing (the result stays PENDING); the message is acked.
     w = worker(WORKER).wait_ready()
     task_id = str(uuid.uuid4())
-    broker.lpush("celery", envelope(b'[[1, 2], "kwargs should be a map", {}]', v2_headers("testapp.add", task_id)))
+    broker.redis.lpush("celery", envelope(b'[[1, 2], "kwargs should be a map", {}]', v2_headers("testapp.add", task_id)))
     still_serving()
     w.wait_for("Task keyword arguments is not a mapping")
     assert testapp.app.AsyncResult(task_id).state == "PENDING"
-    assert broker.hlen("unacked") == 0
+    assert broker.unacked() == 0
 
 
+@only_on("redis")  # crafts raw kombu envelopes
 def test_envelope_that_is_not_kombu(worker, broker):
     w = worker(WORKER).wait_ready()
-    broker.lpush("celery", "definitely not an envelope")
-    broker.lpush("celery", json.dumps({"body": "!!!notbase64", "properties": {"body_encoding": "base64"}}))
+    broker.redis.lpush("celery", "definitely not an envelope")
+    broker.redis.lpush("celery", json.dumps({"body": "!!!notbase64", "properties": {"body_encoding": "base64"}}))
     still_serving()
     w.wait_for("is not a kombu envelope")
     assert w.log().count("is not a kombu envelope") == 2

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import APPS, BIN
+from conftest import APPS, BIN, only_on
 
 import testapp
 
@@ -68,6 +68,7 @@ def test_stock_flags_not_implemented_warn(worker):
     assert testapp.add.delay(2, 2).get(timeout=10) == 4
 
 
+@only_on("redis")
 def test_broker_flag_overrides_app_config(worker, broker):
     other = "redis://127.0.0.1:6379/9"
     import redis

@@ -17,10 +17,9 @@ def test_killed_child_marks_worker_lost_and_is_replaced(worker):
         r.get(timeout=15)
     assert "signal 9 (SIGKILL)" in str(info.value)
     assert "exited with 'signal 9 (SIGKILL)'" in w.log()
-    # Both slots keep serving: the killed child was replaced.
-    results = [testapp.whoami.delay() for _ in range(20)]
-    assert all(r.get(timeout=15)["process_init"] == 1 for r in results)
-    assert w.log().count("ForkPoolWorker-3") >= 1
+    # Both slots keep serving: the killed child was replaced by a new one.
+    names = {r.get(timeout=15) for r in [testapp.procname.delay(0.5) for _ in range(4)]}
+    assert len(names) == 2 and "ForkPoolWorker-3" in names, names
 
 
 def test_reject_on_worker_lost_requeues(worker):

@@ -28,6 +28,6 @@ def test_stock_worker_and_celeriac_share_a_queue(worker, broker):
     assert set(counts.values()) == {1}, "some tasks ran twice"
     assert "succeeded in" in stock.log() and "succeeded in" in ours.log(), "both workers should have run tasks"
     time.sleep(0.5)
-    assert broker.llen("celery") == 0 and broker.hlen("unacked") == 0
+    assert broker.ready("celery") == 0 and broker.unacked() == 0
     assert ours.stop(signal.SIGTERM) == 0
     assert stock.stop(signal.SIGTERM) == 0

@@ -79,6 +79,8 @@ def load_app(options):
 
 
 def _queues(app, options):
+    from kombu.transport.base import to_rabbitmq_queue_arguments
+
     queues = app.amqp.queues
     include = [q for q in (options.get("queues") or "").split(",") if q.strip()]
     exclude = [q for q in (options.get("exclude_queues") or "").split(",") if q.strip()]
@@ -98,7 +100,17 @@ def _queues(app, options):
             "auto_delete": bool(q.auto_delete),
             "exclusive": bool(q.exclusive),
             "max_priority": q.max_priority,
-            "queue_arguments": q.queue_arguments or {},
+            # What kombu's Queue.queue_declare sends (kombu/transport/base.py), so declaring
+            # never clashes with a queue a stock worker created.
+            "queue_arguments": to_rabbitmq_queue_arguments(
+                q.queue_arguments or {}, expires=q.expires, message_ttl=q.message_ttl,
+                max_length=q.max_length, max_length_bytes=q.max_length_bytes,
+                max_priority=q.max_priority,
+            ),
+            "exchange_durable": bool(exchange.durable) if exchange is not None else True,
+            "exchange_auto_delete": bool(exchange.auto_delete) if exchange is not None else False,
+            "exchange_arguments": (exchange.arguments or {}) if exchange is not None else {},
+            "binding_arguments": q.binding_arguments or {},
         })
     return out
 
@@ -156,6 +168,9 @@ def bootstrap_info(app, hostname, options):
             "accept_content": sorted(prepare_accept_content(conf.accept_content)),
             "broker_transport_options": _json_safe(conn.transport_options or {}),
             "task_acks_late": bool(conf.task_acks_late),
+            "broker_heartbeat": conf.broker_heartbeat,
+            "broker_connection_timeout": conf.broker_connection_timeout,
+            "broker_connection_max_retries": conf.broker_connection_max_retries,
             "task_default_queue": conf.task_default_queue,
             "enable_utc": bool(conf.enable_utc),
             "timezone": str(conf.timezone) if conf.timezone else None,

@@ -19,7 +19,7 @@ use crate::ops::signals::Stop;
 use crate::pool::frame::{self, Kind};
 use crate::pool::{DoneReport, ExitStatus, Pool, PoolEvent};
 use crate::protocol::{ChildMeta, MessageError, TaskMessage};
-use crate::transport::{Delivery, Settle};
+use crate::transport::{Delivery, Incoming, Settle};
 use acker::SettleOp;
 use eta::EtaQueue;
 pub use request::{Job, Request};
@@ -32,10 +32,11 @@ pub struct Consumer {
     tasks: HashMap<String, TaskOptions>,
     pool: Pool,
     pool_events: mpsc::UnboundedReceiver<PoolEvent>,
-    deliveries: mpsc::Receiver<Delivery>,
+    deliveries: mpsc::Receiver<Incoming>,
     settle: mpsc::UnboundedSender<SettleOp>,
     window: Arc<Semaphore>,
     stop_consuming: watch::Sender<bool>,
+    prefetch: watch::Sender<usize>,
     /// Requests (and outcome records) waiting for an idle child, in arrival order.
     ready: VecDeque<Job>,
     eta: EtaQueue<Request>,
@@ -52,7 +53,9 @@ pub struct Consumer {
 
 pub struct Channels {
     pub pool_events: mpsc::UnboundedReceiver<PoolEvent>,
-    pub deliveries: mpsc::Receiver<Delivery>,
+    pub deliveries: mpsc::Receiver<Incoming>,
+    /// The prefetch count brokers that enforce it should apply (raised per waiting ETA task).
+    pub prefetch: watch::Sender<usize>,
     pub settle: mpsc::UnboundedSender<SettleOp>,
     pub window: Arc<Semaphore>,
     pub stop_consuming: watch::Sender<bool>,
@@ -74,6 +77,7 @@ impl Consumer {
             settle: ch.settle,
             window: ch.window,
             stop_consuming: ch.stop_consuming,
+            prefetch: ch.prefetch,
             ready: VecDeque::new(),
             eta: EtaQueue::default(),
             active: HashMap::new(),
@@ -105,7 +109,10 @@ impl Consumer {
                 }
             };
             tokio::select! {
-                Some(delivery) = self.deliveries.recv(), if self.stopping.is_none() => self.on_delivery(delivery),
+                Some(incoming) = self.deliveries.recv(), if self.stopping.is_none() => match incoming {
+                    Incoming::Delivery(delivery) => self.on_delivery(*delivery),
+                    Incoming::ConnectionLost => self.on_connection_lost(),
+                },
                 Some(event) = self.pool_events.recv() => {
                     if let Err(code) = self.on_pool_event(event).await {
                         return self.finish(Stop::Cold, code).await;
@@ -171,11 +178,43 @@ impl Consumer {
         request.eta_bumped = true;
         self.window.add_permits(1);
         self.eta.push(due, request);
+        self.prefetch.send_modify(|p| *p += 1);
     }
 
     fn release_due(&mut self) {
-        for request in self.eta.pop_due(Utc::now()) {
+        let due = self.eta.pop_due(Utc::now());
+        if !due.is_empty() {
+            self.prefetch
+                .send_modify(|p| *p = p.saturating_sub(due.len()));
+        }
+        for request in due {
             self.ready.push_back(Job::Task(Box::new(request)));
+        }
+    }
+
+    /// The broker took back everything the lost connection delivered (`Consumer.on_close`):
+    /// forget what has not started; running tasks go on, their settlement becomes a no-op.
+    fn on_connection_lost(&mut self) {
+        let mut dropped = 0;
+        let waiting: Vec<Job> = self.ready.drain(..).collect();
+        for job in waiting {
+            match job {
+                Job::Task(r) => {
+                    self.settle(Settle::Forget(r.delivery.tag), !r.eta_bumped);
+                    dropped += 1;
+                }
+                record => self.ready.push_back(record),
+            }
+        }
+        let held = self.eta.drain();
+        self.prefetch
+            .send_modify(|p| *p = p.saturating_sub(held.len()));
+        for r in held {
+            self.settle(Settle::Forget(r.delivery.tag), false);
+            dropped += 1;
+        }
+        if dropped > 0 {
+            warn!("Dropped {dropped} prefetched message(s) of the lost connection; the broker redelivers them");
         }
     }
 
@@ -464,9 +503,11 @@ impl Consumer {
             self.settle(Settle::Restore(r.delivery.tag), false);
             n += 1;
         }
-        while let Ok(d) = self.deliveries.try_recv() {
-            self.settle(Settle::Restore(d.tag), true);
-            n += 1;
+        while let Ok(incoming) = self.deliveries.try_recv() {
+            if let Incoming::Delivery(d) = incoming {
+                self.settle(Settle::Restore(d.tag), true);
+                n += 1;
+            }
         }
         if n > 0 {
             info!("Restoring {n} unacknowledged message(s)");

@@ -4,6 +4,7 @@
 //! each delivery exactly once: ack, reject, requeue (to the back) or restore (to the front,
 //! for messages given back unstarted at shutdown).
 
+pub mod amqp;
 pub mod redis;
 
 use std::future::Future;
@@ -31,6 +32,15 @@ pub struct Delivery {
     pub body: Vec<u8>,
 }
 
+/// What a transport hands the consumer.
+#[derive(Debug)]
+pub enum Incoming {
+    Delivery(Box<Delivery>),
+    /// The connection dropped: every unsettled delivery from it is void (the broker requeues
+    /// them), so the consumer drops what it has not started.
+    ConnectionLost,
+}
+
 /// How a delivery leaves the worker's hands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
@@ -42,6 +52,8 @@ pub enum Settle {
     Requeue(String),
     /// Given back unstarted at shutdown: front of the queue, consumed next.
     Restore(String),
+    /// The broker already took it back (its connection was lost): only forget it.
+    Forget(String),
 }
 
 /// A queue the worker consumes from, as the app's `task_queues` / `-Q` define it.
@@ -62,8 +74,17 @@ pub struct QueueSpec {
     pub exclusive: bool,
     #[serde(default)]
     pub max_priority: Option<u8>,
+    /// Queue arguments as kombu sends them (`x-max-priority`, `x-queue-type`, `x-expires`, ...).
     #[serde(default)]
     pub queue_arguments: Map<String, Value>,
+    #[serde(default = "yes")]
+    pub exchange_durable: bool,
+    #[serde(default)]
+    pub exchange_auto_delete: bool,
+    #[serde(default)]
+    pub exchange_arguments: Map<String, Value>,
+    #[serde(default)]
+    pub binding_arguments: Map<String, Value>,
 }
 
 fn direct() -> String {
@@ -75,10 +96,14 @@ fn yes() -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("unsupported broker URL {0:?} (this build supports redis://)")]
+    #[error("unsupported broker URL {0:?} (supported: redis://, amqp://, pyamqp://, amqps://)")]
     UnsupportedUrl(String),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("not connected to {0}")]
+    Disconnected(String),
 }
 
 /// The transport seam. Implementations keep their own record of the deliveries they handed
@@ -91,12 +116,14 @@ pub trait Transport: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Consume from `queues` until `stop` turns true. One permit of `window` is taken per
-    /// delivery and given back when it is settled, which is what bounds the prefetch.
+    /// delivery and given back when it is settled, which is what bounds the prefetch;
+    /// `prefetch` tells brokers that enforce it themselves (AMQP QoS) the current count.
     fn consume(
         self: Arc<Self>,
         queues: Vec<QueueSpec>,
         window: Arc<Semaphore>,
-        deliveries: mpsc::Sender<Delivery>,
+        prefetch: watch::Receiver<usize>,
+        deliveries: mpsc::Sender<Incoming>,
         stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()>;
 

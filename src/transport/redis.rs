@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use super::{Delivery, QueueSpec, Settle, Transport, TransportError};
+use super::{Delivery, Incoming, QueueSpec, Settle, Transport, TransportError};
 
 const SEP: &str = "\x06\x16";
 const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
@@ -421,7 +421,8 @@ impl Transport for RedisTransport {
         self: Arc<Self>,
         queues: Vec<QueueSpec>,
         window: Arc<Semaphore>,
-        deliveries: mpsc::Sender<Delivery>,
+        _prefetch: watch::Receiver<usize>,
+        deliveries: mpsc::Sender<Incoming>,
         mut stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -508,7 +509,11 @@ impl Transport for RedisTransport {
                     },
                 );
                 permit.forget();
-                if deliveries.send(delivery).await.is_err() {
+                if deliveries
+                    .send(Incoming::Delivery(Box::new(delivery)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -526,6 +531,9 @@ impl Transport for RedisTransport {
                     pipe.zrem(self.key(&self.opts.unacked_index_key), &tag)
                         .ignore();
                     pipe.hdel(self.key(&self.opts.unacked_key), &tag).ignore();
+                }
+                Settle::Forget(tag) => {
+                    self.held().remove(&tag);
                 }
                 Settle::Requeue(tag) => give_back.push((tag, true)),
                 Settle::Restore(tag) => give_back.push((tag, false)),

@@ -160,3 +160,12 @@ def reject_once(key):
     if _redis().incr(key) == 1:
         raise Reject("not yet", requeue=True)
     return "second time"
+
+
+@app.task
+def procname(delay=0.0):
+    """Which pool process ran this (after an optional sleep, to keep every child busy)."""
+    import multiprocessing
+
+    time.sleep(delay)
+    return multiprocessing.current_process().name

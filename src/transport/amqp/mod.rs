@@ -1,0 +1,508 @@
+//! RabbitMQ over AMQP 0-9-1 (lapin), declaring exactly what kombu declares (reference §3) so a
+//! stock worker and celeriac can share a vhost without PRECONDITION_FAILED.
+//!
+//! Delivery tags are only valid on the channel that delivered them, so celeriac's tags are
+//! `<connection epoch>.<amqp tag>`: after a reconnect, settling a tag of an earlier epoch is a
+//! no-op (the broker has already requeued that message).
+
+mod fields;
+pub mod url;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, error, info, warn};
+
+use super::{Delivery, Incoming, QueueSpec, Settle, Transport, TransportError};
+
+/// Connection settings from the app's configuration (`broker_heartbeat`, ...).
+#[derive(Debug, Clone)]
+pub struct AmqpOptions {
+    pub heartbeat: Option<u16>,
+    pub connect_timeout_ms: Option<u64>,
+    pub max_retries: Option<u32>,
+}
+
+struct Session {
+    epoch: u64,
+    #[allow(dead_code)] // kept so the connection lives as long as its channel
+    connection: Connection,
+    channel: Channel,
+}
+
+pub struct AmqpTransport {
+    /// Failover list (`broker_url` may name several brokers, `;`-separated).
+    uris: Vec<AMQPUri>,
+    display: String,
+    options: AmqpOptions,
+    session: tokio::sync::Mutex<Option<Session>>,
+    epoch: AtomicU64,
+    /// Tags (with epoch) handed out and not yet settled.
+    held: Mutex<HashSet<String>>,
+    queues: Mutex<Vec<QueueSpec>>,
+    /// Consumer tags of the current connection, cancelled before messages are given back.
+    consumer_tags: Mutex<Vec<String>>,
+}
+
+fn exchange_kind(kind: &str) -> ExchangeKind {
+    match kind {
+        "direct" => ExchangeKind::Direct,
+        "fanout" => ExchangeKind::Fanout,
+        "topic" => ExchangeKind::Topic,
+        "headers" => ExchangeKind::Headers,
+        other => ExchangeKind::Custom(other.to_owned()),
+    }
+}
+
+/// Quorum queues cannot take a global QoS (`Tasks.qos_global`).
+fn uses_quorum(queues: &[QueueSpec]) -> bool {
+    queues.iter().any(|q| {
+        q.queue_arguments
+            .get("x-queue-type")
+            .and_then(Value::as_str)
+            == Some("quorum")
+    })
+}
+
+fn split_tag(tag: &str) -> Option<(u64, u64)> {
+    let (epoch, tag) = tag.split_once('.')?;
+    Some((epoch.parse().ok()?, tag.parse().ok()?))
+}
+
+/// The properties kombu's py-amqp Message exposes, as a JSON map with `delivery_info`.
+fn to_delivery(epoch: u64, d: lapin::message::Delivery) -> Delivery {
+    let p = &d.properties;
+    let mut props = Map::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            props.insert(k.to_owned(), v);
+        }
+    };
+    put(
+        "correlation_id",
+        p.correlation_id().as_ref().map(|s| Value::from(s.as_str())),
+    );
+    put(
+        "reply_to",
+        p.reply_to().as_ref().map(|s| Value::from(s.as_str())),
+    );
+    put("delivery_mode", p.delivery_mode().map(Value::from));
+    put("priority", p.priority().map(Value::from));
+    put(
+        "expiration",
+        p.expiration().as_ref().map(|s| Value::from(s.as_str())),
+    );
+    put(
+        "message_id",
+        p.message_id().as_ref().map(|s| Value::from(s.as_str())),
+    );
+    put("timestamp", p.timestamp().map(Value::from));
+    put("type", p.kind().as_ref().map(|s| Value::from(s.as_str())));
+    put(
+        "user_id",
+        p.user_id().as_ref().map(|s| Value::from(s.as_str())),
+    );
+    put(
+        "app_id",
+        p.app_id().as_ref().map(|s| Value::from(s.as_str())),
+    );
+    let exchange = d.exchange.as_str().to_owned();
+    let routing_key = d.routing_key.as_str().to_owned();
+    props.insert(
+        "delivery_info".into(),
+        serde_json::json!({"exchange": exchange, "routing_key": routing_key, "redelivered": d.redelivered}),
+    );
+    Delivery {
+        tag: format!("{epoch}.{}", d.delivery_tag),
+        exchange,
+        routing_key,
+        redelivered: d.redelivered,
+        content_type: p
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        content_encoding: p
+            .content_encoding()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        headers: p
+            .headers()
+            .as_ref()
+            .map(|h| Value::Object(fields::table_to_json(h)))
+            .unwrap_or(Value::Null),
+        properties: props,
+        body: d.data,
+    }
+}
+
+impl AmqpTransport {
+    pub async fn connect(
+        url: &str,
+        display: &str,
+        options: AmqpOptions,
+    ) -> Result<Self, TransportError> {
+        let uris: Vec<AMQPUri> = url
+            .split(';')
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| url::parse(u.trim(), options.heartbeat, options.connect_timeout_ms))
+            .collect::<Option<_>>()
+            .ok_or_else(|| TransportError::UnsupportedUrl(display.to_owned()))?;
+        let t = AmqpTransport {
+            uris,
+            display: display.to_owned(),
+            options,
+            session: tokio::sync::Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            held: Mutex::new(HashSet::new()),
+            queues: Mutex::new(Vec::new()),
+            consumer_tags: Mutex::new(Vec::new()),
+        };
+        let session = t.open_session(0).await?;
+        *t.session.lock().await = Some(session);
+        Ok(t)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn open_session(&self, attempt: usize) -> Result<Session, TransportError> {
+        let uri = self.uris[attempt % self.uris.len()].clone();
+        let props = ConnectionProperties::default().with_connection_name("celeriac".into());
+        let connection = Connection::connect_uri(uri, props).await?;
+        let channel = connection.create_channel().await?;
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(Session {
+            epoch,
+            connection,
+            channel,
+        })
+    }
+
+    /// Reconnect with back-off until it works or `broker_connection_max_retries` runs out.
+    async fn reconnect(&self, stop: &watch::Receiver<bool>) -> Option<Session> {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0usize;
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            match self.open_session(attempt).await {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    attempt += 1;
+                    if self
+                        .options
+                        .max_retries
+                        .is_some_and(|max| attempt as u32 > max)
+                    {
+                        error!(
+                            "consumer: Cannot connect to {}: {e}. Giving up.",
+                            self.display
+                        );
+                        return None;
+                    }
+                    error!(
+                        "consumer: Cannot connect to {}: {e}.\nTrying again in {:.2} seconds... ({attempt})",
+                        self.display,
+                        delay.as_secs_f64()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn declare_on(channel: &Channel, queues: &[QueueSpec]) -> Result<(), lapin::Error> {
+        for q in queues {
+            if !q.exchange.is_empty() {
+                let opts = ExchangeDeclareOptions {
+                    durable: q.exchange_durable,
+                    auto_delete: q.exchange_auto_delete,
+                    ..Default::default()
+                };
+                channel
+                    .exchange_declare(
+                        &q.exchange,
+                        exchange_kind(&q.exchange_type),
+                        opts,
+                        fields::table_from_json(&q.exchange_arguments),
+                    )
+                    .await?;
+            }
+            let opts = QueueDeclareOptions {
+                durable: q.durable,
+                exclusive: q.exclusive,
+                auto_delete: q.auto_delete,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(&q.name, opts, fields::table_from_json(&q.queue_arguments))
+                .await?;
+            if !q.exchange.is_empty() {
+                channel
+                    .queue_bind(
+                        &q.name,
+                        &q.exchange,
+                        &q.routing_key,
+                        QueueBindOptions::default(),
+                        fields::table_from_json(&q.binding_arguments),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the broker sending more (`basic.cancel`), so what we give back stays in the queue.
+    async fn cancel_consumers(&self, channel: &Channel) {
+        let tags: Vec<String> =
+            std::mem::take(&mut *self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()));
+        for tag in tags {
+            if let Err(e) = channel
+                .basic_cancel(&tag, BasicCancelOptions::default())
+                .await
+            {
+                warn!("Could not cancel consumer {tag}: {e}");
+            }
+        }
+    }
+
+    async fn set_qos(channel: &Channel, prefetch: usize, global: bool) -> Result<(), lapin::Error> {
+        let count = u16::try_from(prefetch).unwrap_or(u16::MAX);
+        channel.basic_qos(count, BasicQosOptions { global }).await
+    }
+
+    /// Declare, set QoS and start one consumer per queue; deliveries of all of them are merged.
+    async fn start_consumers(
+        &self,
+        session: &Session,
+        queues: &[QueueSpec],
+        prefetch: usize,
+        merged: &mpsc::Sender<Result<lapin::message::Delivery, lapin::Error>>,
+    ) -> Result<(), lapin::Error> {
+        Self::declare_on(&session.channel, queues).await?;
+        Self::set_qos(&session.channel, prefetch, !uses_quorum(queues)).await?;
+        for q in queues {
+            let tag = format!("celeriac-{}-{}", std::process::id(), q.name);
+            let mut consumer = session
+                .channel
+                .basic_consume(
+                    &q.name,
+                    &tag,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            self.consumer_tags
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tag);
+            let merged = merged.clone();
+            let queue = q.name.clone();
+            tokio::spawn(async move {
+                while let Some(item) = consumer.next().await {
+                    if merged.send(item).await.is_err() {
+                        return;
+                    }
+                }
+                // The broker cancelled us (queue deleted) or the channel closed.
+                let _ = merged
+                    .send(Err(lapin::Error::InvalidChannelState(
+                        lapin::ChannelState::Closed,
+                    )))
+                    .await;
+                debug!("consumer for queue {queue} ended");
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Transport for AmqpTransport {
+    async fn declare(&self, queues: &[QueueSpec]) -> Result<(), TransportError> {
+        *self.queues.lock().unwrap_or_else(|p| p.into_inner()) = queues.to_vec();
+        let guard = self.session.lock().await;
+        let session = guard
+            .as_ref()
+            .ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
+        Self::declare_on(&session.channel, queues).await?;
+        Ok(())
+    }
+
+    fn consume(
+        self: Arc<Self>,
+        queues: Vec<QueueSpec>,
+        window: Arc<Semaphore>,
+        mut prefetch: watch::Receiver<usize>,
+        deliveries: mpsc::Sender<Incoming>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let global = !uses_quorum(&queues);
+            loop {
+                let (tx, mut rx) = mpsc::channel(1024);
+                let epoch = {
+                    let mut guard = self.session.lock().await;
+                    if guard.is_none() {
+                        drop(guard);
+                        let Some(s) = self.reconnect(&stop).await else {
+                            return;
+                        };
+                        guard = self.session.lock().await;
+                        *guard = Some(s);
+                    }
+                    let Some(session) = guard.as_ref() else {
+                        return;
+                    };
+                    let current = *prefetch.borrow();
+                    if let Err(e) = self.start_consumers(session, &queues, current, &tx).await {
+                        error!("consumer: Cannot consume from {}: {e}", self.display);
+                        *guard = None;
+                        drop(guard);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    session.epoch
+                };
+                drop(tx);
+                if epoch > 1 {
+                    info!("Connected to {}", self.display);
+                }
+                // Serve this connection until it fails or we are told to stop.
+                loop {
+                    tokio::select! {
+                        item = rx.recv() => match item {
+                            Some(Ok(d)) => {
+                                let delivery = to_delivery(epoch, d);
+                                let Ok(permit) = window.clone().acquire_owned().await else { return };
+                                permit.forget();
+                                self.held().insert(delivery.tag.clone());
+                                if deliveries.send(Incoming::Delivery(Box::new(delivery))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Err(e)) => {
+                                error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
+                                break;
+                            }
+                            None => break,
+                        },
+                        changed = prefetch.changed() => {
+                            if changed.is_err() { return; }
+                            let count = *prefetch.borrow();
+                            if global {
+                                let guard = self.session.lock().await;
+                                if let Some(s) = guard.as_ref() {
+                                    if let Err(e) = Self::set_qos(&s.channel, count, true).await {
+                                        warn!("Could not change prefetch to {count}: {e}");
+                                    }
+                                }
+                            }
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+                // The broker requeues everything this connection held.
+                *self.session.lock().await = None;
+                self.consumer_tags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                self.held()
+                    .retain(|t| split_tag(t).is_some_and(|(e, _)| e != epoch));
+                if deliveries.send(Incoming::ConnectionLost).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    async fn settle(&self, batch: Vec<Settle>) -> Result<(), TransportError> {
+        let guard = self.session.lock().await;
+        let current = guard.as_ref().map(|s| s.epoch);
+        if let Some(s) = guard.as_ref() {
+            if batch.iter().any(|op| matches!(op, Settle::Restore(_))) {
+                // Restores happen at shutdown: stop deliveries first (stock cancels the task
+                // consumer before it releases its messages).
+                self.cancel_consumers(&s.channel).await;
+            }
+        }
+        for op in batch {
+            if let Settle::Forget(tag) = &op {
+                self.held().remove(tag);
+                continue;
+            }
+            let (tag, requeue, ack) = match &op {
+                Settle::Ack(t) => (t, false, true),
+                Settle::Reject(t) => (t, false, false),
+                Settle::Requeue(t) | Settle::Restore(t) | Settle::Forget(t) => (t, true, false),
+            };
+            self.held().remove(tag);
+            let Some((epoch, amqp_tag)) = split_tag(tag) else {
+                continue;
+            };
+            let (Some(session), true) = (guard.as_ref(), Some(epoch) == current) else {
+                debug!("not settling {tag}: its connection is gone, the broker requeued it");
+                continue;
+            };
+            if ack {
+                session
+                    .channel
+                    .basic_ack(amqp_tag, BasicAckOptions::default())
+                    .await?;
+            } else {
+                session
+                    .channel
+                    .basic_reject(amqp_tag, BasicRejectOptions { requeue })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn restore_all(&self) -> Result<usize, TransportError> {
+        let tags: Vec<String> = self.held().drain().collect();
+        let n = tags.len();
+        self.settle(tags.into_iter().map(Settle::Restore).collect())
+            .await?;
+        if let Some(s) = self.session.lock().await.take() {
+            let _ = s.channel.close(200, "worker shutdown").await;
+            let _ = s.connection.close(200, "worker shutdown").await;
+        }
+        Ok(n)
+    }
+
+    fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        // Heartbeats are lapin's; nothing else needs tending.
+        tokio::spawn(async move {
+            let _ = stop.changed().await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_carry_their_epoch() {
+        assert_eq!(split_tag("3.17"), Some((3, 17)));
+        assert_eq!(split_tag("x"), None);
+    }
+}
