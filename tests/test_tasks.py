@@ -202,3 +202,15 @@ def test_reject_requeue_true_with_acks_late_runs_again(worker):
     key = f"rej:{uuid.uuid4()}"
     assert testapp.reject_once.delay(key).get(timeout=15) == "second time"
     assert int(testapp._redis().get(key)) == 2
+
+
+def test_expired_before_it_could_run_is_revoked(worker):
+    w = worker(WORKER).wait_ready()
+    r = testapp.add.apply_async((1, 1), countdown=1.5, expires=0.5)
+    deadline = time.time() + 10
+    while r.state == "PENDING" and time.time() < deadline:
+        time.sleep(0.05)
+    assert r.state == "REVOKED"
+    assert f"Discarding revoked task: testapp.add[{r.id}]" in w.log()
+    still = testapp.add.delay(2, 2)
+    assert still.get(timeout=10) == 4

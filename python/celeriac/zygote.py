@@ -155,7 +155,8 @@ def bootstrap_info(app, hostname, options):
         "celery_version": celery.__version__,
         "python_version": sys.version.split()[0],
         "executable": sys.executable,
-        "broker_url": conn.as_uri(include_password=True),
+        # Failover: every URL of `broker_url` (a list or `;`-separated), first one first.
+        "broker_url": ";".join(conn.alt) if conn.alt else conn.as_uri(include_password=True),
         "broker_display": conn.as_uri(),
         "transport": conn.transport_cls if isinstance(conn.transport_cls, str) else str(conn.transport_cls),
         "result_backend": backend_uri,

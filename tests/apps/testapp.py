@@ -23,6 +23,22 @@ if os.environ.get("TESTAPP_QUEUES"):
 
     app.conf.task_queues = [Queue(q) for q in os.environ["TESTAPP_QUEUES"].split(",")]
 
+
+def special_queues():
+    """Queues with arguments RabbitMQ compares on every declaration."""
+    from kombu import Queue
+
+    return [
+        Queue("celery"),
+        Queue("prio", max_priority=10),
+        Queue("quorum_q", queue_arguments={"x-queue-type": "quorum"}),
+        Queue("ttl_q", message_ttl=60, expires=600),
+    ]
+
+
+if os.environ.get("TESTAPP_SPECIAL_QUEUES"):
+    app.conf.task_queues = special_queues()
+
 _events = {"process_init": 0}
 
 

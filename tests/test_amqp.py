@@ -1,0 +1,129 @@
+"""RabbitMQ specifics (issue: Step 2): topology shared with stock workers, QoS, priorities,
+per-message expiration, connection loss, queue deletion and the rpc:// result backend."""
+
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from celery import Celery
+
+import testapp
+from conftest import BACKEND_URL, BROKER_URL, only_on
+
+pytestmark = only_on("amqp")
+WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
+SPECIAL = {"TESTAPP_SPECIAL_QUEUES": "1"}
+
+
+def special_producer():
+    """A producer that knows the special queues' arguments, as the app's own producers would."""
+    p = Celery("special", broker=BROKER_URL, backend=BACKEND_URL)
+    p.conf.task_queues = testapp.special_queues()
+    return p
+
+
+def rabbitmqctl(*args):
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def celeriac_connections():
+    out = rabbitmqctl("list_connections", "--no-table-headers", "pid", "client_properties")
+    return [line.split("\t")[0] for line in out.splitlines() if "celeriac" in line]
+
+
+def test_declares_exactly_what_a_stock_worker_declares(worker, broker):
+    # The stock worker declares the queues first (priority, quorum, TTL/expires arguments) ...
+    stock = worker(["-A", "testapp", "worker", "-c", "1", "-l", "info", "-n", "stock@%h",
+                    "--without-mingle", "--without-gossip", "-Q", "celery,prio,quorum_q,ttl_q"],
+                   command=[sys.executable, "-m", "celery"], env=SPECIAL, name="stock")
+    stock.wait_for("ready.", timeout=60)
+    assert stock.stop() == 0
+    # ... then celeriac re-declares them: any difference would be PRECONDITION_FAILED.
+    w = worker(WORKER + ["-Q", "celery,prio,quorum_q,ttl_q"], env=SPECIAL).wait_ready()
+    producer = special_producer()
+    for q in ("celery", "prio", "quorum_q", "ttl_q"):
+        assert producer.send_task("testapp.add", (1, 1), queue=q).get(timeout=15) == 2
+    assert "PRECONDITION_FAILED" not in w.log()
+    queues = rabbitmqctl("list_queues", "-p", "celeriac-test", "--no-table-headers", "name", "arguments")
+    assert "x-max-priority" in queues and "quorum" in queues
+
+
+def test_priority_queue_serves_highest_first(worker, broker):
+    # Declare the queue (with x-max-priority) before filling it.
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-Q", "prio"], env=SPECIAL).wait_ready()
+    assert w.stop() == 0
+    producer = special_producer()
+    low = producer.send_task("testapp.add", (0, 1), queue="prio", priority=1)
+    high = producer.send_task("testapp.add", (0, 2), queue="prio", priority=9)
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multiplier", "1", "-Q", "prio"],
+               env=SPECIAL).wait_ready()
+    assert high.get(timeout=10) == 2 and low.get(timeout=10) == 1
+    log = w.log()
+    assert log.index(f"[{high.id}] received") < log.index(f"[{low.id}] received")
+
+
+def test_message_expired_in_the_broker_never_runs(worker, broker):
+    w = worker(WORKER).wait_ready()  # declares the queue
+    assert w.stop() == 0
+    r = testapp.add.apply_async((1, 1), expires=0.5)  # `expiration` property: RabbitMQ drops it
+    time.sleep(1.5)
+    worker(WORKER).wait_ready()
+    assert testapp.add.delay(2, 2).get(timeout=10) == 4
+    assert r.state == "PENDING"
+
+
+def test_waiting_eta_tasks_raise_the_qos(worker, broker):
+    # Prefetch 1: without raising QoS per waiting ETA task, the immediate task would wait 3 s.
+    worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multiplier", "1"]).wait_ready()
+    later = [testapp.add.apply_async((i, 0), countdown=3) for i in range(3)]
+    time.sleep(0.5)
+    start = time.time()
+    assert testapp.add.delay(5, 5).get(timeout=10) == 10
+    assert time.time() - start < 2
+    assert [r.get(timeout=15) for r in later] == [0, 1, 2]
+
+
+def test_connection_closed_by_the_broker_mid_load(worker, broker):
+    w = worker(WORKER).wait_ready()
+    key = f"ran:{uuid.uuid4()}"
+    ids = [testapp.count.delay(key).id for _ in range(3000)]
+    runs = testapp._redis()
+    for _ in range(2):
+        deadline = time.time() + 20
+        while runs.hlen(key) < 300 * (_ + 1) and time.time() < deadline:
+            time.sleep(0.02)
+        for pid in celeriac_connections():
+            rabbitmqctl("close_connection", pid, "test: cut the connection")
+        w.wait_for("Connection to broker lost")
+    deadline = time.time() + 90
+    while runs.hlen(key) < len(ids) and time.time() < deadline:
+        time.sleep(0.1)
+    done = {k.decode() for k in runs.hkeys(key)}
+    assert done == set(ids), f"{len(set(ids) - done)} tasks never ran"
+    assert w.log().count("Connected to") >= 2  # reconnected
+    assert testapp.add.delay(1, 2).get(timeout=10) == 3
+
+
+def test_queue_deleted_under_the_consumer(worker, broker):
+    w = worker(WORKER).wait_ready()
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+    rabbitmqctl("delete_queue", "-p", "celeriac-test", "celery")
+    time.sleep(1)
+    assert w.proc.poll() is None
+    # The worker re-declares and consumes again.
+    deadline = time.time() + 20
+    while "celery" not in broker._queues() and time.time() < deadline:
+        time.sleep(0.2)
+    assert testapp.add.delay(2, 2).get(timeout=15) == 4
+
+
+def test_rpc_result_backend(worker, broker):
+    worker(WORKER, env={"CELERIAC_TEST_BACKEND": "rpc://"}).wait_ready()
+    producer = Celery("rpc_producer", broker=BROKER_URL, backend="rpc://")
+    assert producer.send_task("testapp.add", (20, 22)).get(timeout=15) == 42
+    with pytest.raises(Exception) as info:
+        producer.send_task("testapp.fail", ("over rpc",)).get(timeout=15)
+    assert "over rpc" in str(info.value)
+    assert BACKEND_URL  # results of the other tests stay on Redis
