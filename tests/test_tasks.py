@@ -171,11 +171,11 @@ def test_acks_late_global_setting(worker, broker):
 def test_prefetch_limits_unacked(worker, broker):
     # -c 1 × multiplier 2: one running (acked early) + at most 2 held.
     worker(["-A", "testapp", "worker", "-c", "1", "--prefetch-multiplier", "2", "-l", "info"]).wait_ready()
-    results = [testapp.sleep.delay(1.0) for _ in range(6)]
+    results = [testapp.sleep.delay(2.0) for _ in range(4)]
     time.sleep(0.5)
-    # One running (acked when it started), two prefetched, three left in the queue.
+    # One running (acked when it started), two prefetched, one left in the queue.
     assert broker.unacked() == 2
-    assert broker.ready("celery") == 3
+    assert broker.ready("celery") == 1
     for r in results:
         r.get(timeout=20)
 

@@ -8,7 +8,7 @@
 mod fields;
 pub mod url;
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,8 +49,8 @@ pub struct AmqpTransport {
     options: AmqpOptions,
     session: tokio::sync::Mutex<Option<Session>>,
     epoch: AtomicU64,
-    /// Tags (with epoch) handed out and not yet settled.
-    held: Mutex<HashSet<String>>,
+    /// (epoch, delivery tag) handed out and not yet settled, in delivery order.
+    held: Mutex<BTreeSet<(u64, u64)>>,
     queues: Mutex<Vec<QueueSpec>>,
     /// Consumer tags of the current connection, cancelled before messages are given back.
     consumer_tags: Mutex<Vec<String>>,
@@ -74,6 +74,19 @@ fn uses_quorum(queues: &[QueueSpec]) -> bool {
             .and_then(Value::as_str)
             == Some("quorum")
     })
+}
+
+/// One `basic.ack(multiple=true)` can settle a batch when the acks cover the oldest held
+/// deliveries without a gap: returns the highest tag of that gap-free run (at least two).
+/// `not_acked` is every other tag still unsettled on the channel; one below an ack breaks the run.
+fn multiple_ack_cutoff(not_acked: impl Iterator<Item = u64>, acks: &BTreeSet<u64>) -> Option<u64> {
+    let first_gap = not_acked.min();
+    let run: Vec<u64> = acks
+        .iter()
+        .copied()
+        .take_while(|t| first_gap.is_none_or(|g| *t < g))
+        .collect();
+    (run.len() >= 2).then(|| run[run.len() - 1])
 }
 
 fn split_tag(tag: &str) -> Option<(u64, u64)> {
@@ -167,7 +180,7 @@ impl AmqpTransport {
             options,
             session: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
-            held: Mutex::new(HashSet::new()),
+            held: Mutex::new(BTreeSet::new()),
             queues: Mutex::new(Vec::new()),
             consumer_tags: Mutex::new(Vec::new()),
         };
@@ -176,7 +189,7 @@ impl AmqpTransport {
         Ok(t)
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, u64)>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -392,7 +405,9 @@ impl Transport for AmqpTransport {
                                 let delivery = to_delivery(epoch, d);
                                 let Ok(permit) = window.clone().acquire_owned().await else { return };
                                 permit.forget();
-                                self.held().insert(delivery.tag.clone());
+                                if let Some(t) = split_tag(&delivery.tag) {
+                                    self.held().insert(t);
+                                }
                                 if deliveries.send(Incoming::Delivery(Box::new(delivery))).await.is_err() {
                                     return;
                                 }
@@ -424,8 +439,7 @@ impl Transport for AmqpTransport {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clear();
-                self.held()
-                    .retain(|t| split_tag(t).is_some_and(|(e, _)| e != epoch));
+                self.held().retain(|(e, _)| *e != epoch);
                 if deliveries.send(Incoming::ConnectionLost).await.is_err() {
                     return;
                 }
@@ -435,52 +449,94 @@ impl Transport for AmqpTransport {
 
     async fn settle(&self, batch: Vec<Settle>) -> Result<(), TransportError> {
         let guard = self.session.lock().await;
-        let current = guard.as_ref().map(|s| s.epoch);
-        if let Some(s) = guard.as_ref() {
-            if batch.iter().any(|op| matches!(op, Settle::Restore(_))) {
-                // Restores happen at shutdown: stop deliveries first (stock cancels the task
-                // consumer before it releases its messages).
-                self.cancel_consumers(&s.channel).await;
-            }
+        let Some(session) = guard.as_ref() else {
+            // No connection: the broker has requeued everything we held.
+            self.held().clear();
+            return Ok(());
+        };
+        if batch.iter().any(|op| matches!(op, Settle::Restore(_))) {
+            // Restores happen at shutdown: stop deliveries first (stock cancels the task
+            // consumer before it releases its messages).
+            self.cancel_consumers(&session.channel).await;
         }
-        for op in batch {
-            if let Settle::Forget(tag) = &op {
-                self.held().remove(tag);
-                continue;
+        let epoch = session.epoch;
+        // What to send, decided under the lock: only tags we still hold from this connection
+        // (settling a tag twice, or one of an old channel, would close the channel).
+        let (cutoff, singles) = {
+            let mut held = self.held();
+            let mut acks = BTreeSet::new();
+            let mut singles = Vec::new();
+            let mut forgotten = Vec::new();
+            for op in &batch {
+                let (tag, kind) = match op {
+                    Settle::Ack(t) => (t, Some(None)),
+                    Settle::Reject(t) => (t, Some(Some(false))),
+                    Settle::Requeue(t) | Settle::Restore(t) => (t, Some(Some(true))),
+                    Settle::Forget(t) => (t, None),
+                };
+                let Some((e, amqp_tag)) = split_tag(tag) else {
+                    continue;
+                };
+                if !held.contains(&(e, amqp_tag)) || e != epoch {
+                    held.remove(&(e, amqp_tag));
+                    continue;
+                }
+                match kind {
+                    Some(None) => {
+                        acks.insert(amqp_tag);
+                    }
+                    Some(Some(requeue)) => singles.push((amqp_tag, Some(requeue))),
+                    None => forgotten.push(amqp_tag),
+                }
+                held.remove(&(e, amqp_tag));
             }
-            let (tag, requeue, ack) = match &op {
-                Settle::Ack(t) => (t, false, true),
-                Settle::Reject(t) => (t, false, false),
-                Settle::Requeue(t) | Settle::Restore(t) | Settle::Forget(t) => (t, true, false),
-            };
-            self.held().remove(tag);
-            let Some((epoch, amqp_tag)) = split_tag(tag) else {
-                continue;
-            };
-            let (Some(session), true) = (guard.as_ref(), Some(epoch) == current) else {
-                debug!("not settling {tag}: its connection is gone, the broker requeued it");
-                continue;
-            };
-            if ack {
-                session
-                    .channel
-                    .basic_ack(amqp_tag, BasicAckOptions::default())
-                    .await?;
-            } else {
-                session
-                    .channel
-                    .basic_reject(amqp_tag, BasicRejectOptions { requeue })
-                    .await?;
+            // Everything still unacked on the channel that is not in `acks` breaks a run.
+            let not_acked = held
+                .range((epoch, 0)..=(epoch, u64::MAX))
+                .map(|(_, t)| *t)
+                .chain(singles.iter().map(|(t, _)| *t))
+                .chain(forgotten.iter().copied());
+            let cutoff = multiple_ack_cutoff(not_acked, &acks);
+            singles.extend(
+                acks.into_iter()
+                    .filter(|t| cutoff.is_none_or(|c| *t > c))
+                    .map(|t| (t, None)),
+            );
+            (cutoff, singles)
+        };
+        if let Some(cutoff) = cutoff {
+            session
+                .channel
+                .basic_ack(cutoff, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        for (tag, reject) in singles {
+            match reject {
+                None => {
+                    session
+                        .channel
+                        .basic_ack(tag, BasicAckOptions::default())
+                        .await?
+                }
+                Some(requeue) => {
+                    session
+                        .channel
+                        .basic_reject(tag, BasicRejectOptions { requeue })
+                        .await?
+                }
             }
         }
         Ok(())
     }
 
     async fn restore_all(&self) -> Result<usize, TransportError> {
-        let tags: Vec<String> = self.held().drain().collect();
+        let tags: Vec<Settle> = self
+            .held()
+            .iter()
+            .map(|(e, t)| Settle::Restore(format!("{e}.{t}")))
+            .collect();
         let n = tags.len();
-        self.settle(tags.into_iter().map(Settle::Restore).collect())
-            .await?;
+        self.settle(tags).await?;
         if let Some(s) = self.session.lock().await.take() {
             let _ = s.channel.close(200, "worker shutdown").await;
             let _ = s.connection.close(200, "worker shutdown").await;
@@ -499,6 +555,17 @@ impl Transport for AmqpTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multiple_ack_only_over_a_gap_free_prefix() {
+        let acks: BTreeSet<u64> = [1, 2, 3, 7].into_iter().collect();
+        // 5 is still held (running with acks_late): only 1..=3 may go in one multiple ack.
+        assert_eq!(multiple_ack_cutoff([5, 9].into_iter(), &acks), Some(3));
+        assert_eq!(multiple_ack_cutoff(std::iter::empty(), &acks), Some(7));
+        assert_eq!(multiple_ack_cutoff([2].into_iter(), &acks), None);
+        let one: BTreeSet<u64> = [4].into_iter().collect();
+        assert_eq!(multiple_ack_cutoff(std::iter::empty(), &one), None);
+    }
 
     #[test]
     fn tags_carry_their_epoch() {
