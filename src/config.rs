@@ -38,6 +38,8 @@ pub struct AppConf {
     pub broker_heartbeat: Option<f64>,
     pub broker_connection_timeout: Option<f64>,
     pub broker_connection_max_retries: Option<u32>,
+    #[serde(default)]
+    pub worker_cancel_long_running_tasks_on_connection_loss: bool,
 }
 
 /// The per-task options the supervisor acts on (`celery/app/task.py`, resolved from config).
@@ -73,6 +75,7 @@ pub struct WorkerSettings {
     pub task_events: bool,
     pub accept_content: Vec<String>,
     pub queues: Vec<QueueSpec>,
+    pub cancel_long_running_on_connection_loss: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +136,9 @@ impl WorkerSettings {
             task_events: layered.task_events,
             accept_content: app.conf.accept_content.clone(),
             queues: app.queues.clone(),
+            cancel_long_running_on_connection_loss: app
+                .conf
+                .worker_cancel_long_running_tasks_on_connection_loss,
         })
     }
 

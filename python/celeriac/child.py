@@ -145,6 +145,8 @@ class Child:
                 self._record_expired(job)
             elif reason == "worker_lost":
                 self._record_worker_lost(job)
+            elif reason == "cancelled":
+                self._record_cancelled(job)
             else:
                 logger.error("celeriac: unknown outcome record %r", reason)
         except Exception:
@@ -180,6 +182,19 @@ class Child:
         backend = task.backend if task is not None else self.app.backend
         backend.mark_as_revoked(job["id"], "expired", request=context)
         signals.task_revoked.send(sender=task, request=context, terminated=False, signum=None, expired=True)
+
+    def _record_cancelled(self, job):
+        # celery/worker/request.py: Request._announce_cancelled
+        from celery import signals
+
+        task = self.app.tasks.get(job["name"])
+        context = self._context(job)
+        exc = cexc.Retry(message="cancelled by Celery")
+        backend = task.backend if task is not None else self.app.backend
+        backend.mark_as_retry(job["id"], exc, request=context)
+        if task is not None:
+            task.on_retry(exc, job["id"], context.args, context.kwargs, None)
+        signals.task_retry.send(sender=task, request=context, reason=exc, einfo=None)
 
     def _record_worker_lost(self, job):
         # celery/worker/request.py: Request.on_failure for WorkerLostError

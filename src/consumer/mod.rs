@@ -162,6 +162,7 @@ impl Consumer {
             message,
             options,
             eta_bumped: false,
+            cancelled: false,
         };
         if request.is_expired() {
             return self.discard_expired(request);
@@ -215,6 +216,51 @@ impl Consumer {
         }
         if dropped > 0 {
             warn!("Dropped {dropped} prefetched message(s) of the lost connection; the broker redelivers them");
+        }
+        self.cancel_unackable_tasks();
+    }
+
+    /// Running `acks_late` tasks can no longer be acked on the new connection and will be
+    /// redelivered. With `worker_cancel_long_running_tasks_on_connection_loss` they are
+    /// terminated and marked RETRY now, as stock does; otherwise they finish and run twice.
+    fn cancel_unackable_tasks(&mut self) {
+        let mut cancel = Vec::new();
+        for (index, job) in self.active.iter_mut() {
+            if let Job::Task(r) = job {
+                if r.options.acks_late && !r.cancelled {
+                    if !self.settings.cancel_long_running_on_connection_loss {
+                        warn!(
+                            "Task {}[{}] runs with late acknowledgement and can't be acknowledged after the \
+                             connection loss: the broker will deliver it again. Set \
+                             worker_cancel_long_running_tasks_on_connection_loss to terminate such tasks instead.",
+                            r.message.display_name(),
+                            r.message.id
+                        );
+                        continue;
+                    }
+                    warn!(
+                        "Task {}[{}] cannot be acknowledged after a connection loss since late acknowledgement \
+                         is enabled for it.\nTerminating it instead.",
+                        r.message.display_name(),
+                        r.message.id
+                    );
+                    r.cancelled = true;
+                    cancel.push((
+                        *index,
+                        r.child_meta_value(&self.settings.hostname),
+                        r.message.clone(),
+                    ));
+                }
+            }
+        }
+        for (index, meta, message) in cancel {
+            self.pool.terminate(index);
+            self.ready.push_back(Job::Record(json!({
+                "reason": "cancelled",
+                "id": message.id,
+                "name": message.name,
+                "meta": meta,
+            })));
         }
     }
 
@@ -435,6 +481,9 @@ impl Consumer {
         error!("Process '{name}' pid:{pid} exited with '{status}'");
         match job {
             Job::Record(record) => self.ready.push_back(Job::Record(record)),
+            Job::Task(request) if request.cancelled => {
+                debug!("cancelled task {} ended with its child", request.message.id);
+            }
             Job::Task(request) => {
                 let detail = format!("Worker exited prematurely: {status}.");
                 error!(

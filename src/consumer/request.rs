@@ -15,6 +15,9 @@ pub struct Request {
     pub options: TaskOptions,
     /// It waited for its ETA, which already gave its prefetch slot back.
     pub eta_bumped: bool,
+    /// Terminated on purpose after a connection loss: the broker redelivers it, so its end
+    /// is neither a worker loss nor something to settle.
+    pub cancelled: bool,
 }
 
 impl Request {

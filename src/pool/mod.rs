@@ -216,6 +216,16 @@ impl Pool {
         self.slots.clear();
     }
 
+    /// Terminate one child (SIGTERM), e.g. to cancel the task it runs.
+    pub fn terminate(&self, index: usize) {
+        if let Some(pid) = self.slots.get(&index).and_then(|s| s.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
     /// Cold stop: kill every child now.
     pub fn kill_all(&mut self) {
         for slot in self.slots.values() {

@@ -13,6 +13,7 @@ app.conf.update(
     result_backend=os.environ.get("CELERIAC_TEST_BACKEND", "redis://127.0.0.1:6379/11"),
     task_acks_late=os.environ.get("TESTAPP_ACKS_LATE") == "1",
     worker_prefetch_multiplier=int(os.environ.get("TESTAPP_PREFETCH_MULTIPLIER", "4")),
+    worker_cancel_long_running_tasks_on_connection_loss=os.environ.get("TESTAPP_CANCEL_ON_LOSS") == "1",
 )
 if os.environ.get("TESTAPP_TRANSPORT_OPTIONS"):
     import json
