@@ -8,10 +8,7 @@ fn main() {
     }
     let version = format!("{}.{}", config.version.major, config.version.minor);
     println!("cargo:rustc-env=CELERIAC_PYTHON_VERSION={version}");
-    let python = config
-        .executable
-        .clone()
-        .unwrap_or_else(|| "python3".to_owned());
+    let python = config.executable.clone().unwrap_or_else(|| "python3".to_owned());
     println!("cargo:rustc-env=CELERIAC_BUILD_PYTHON={python}");
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     println!("cargo:rerun-if-changed=python/celeriac");

@@ -113,13 +113,24 @@ pub struct WorkerArgs {
     pub without_heartbeat: bool,
 
     /// Send task-related events (for Flower and `celery events`).
-    #[arg(
-        short = 'E',
-        long = "task-events",
-        visible_alias = "events",
-        env = "CELERIAC_TASK_EVENTS"
-    )]
+    #[arg(short = 'E', long = "task-events", visible_alias = "events", env = "CELERIAC_TASK_EVENTS")]
     pub task_events: bool,
+
+    /// Hard time limit in seconds: the child running the task is killed (default: none).
+    #[arg(long = "time-limit", env = "CELERIAC_TIME_LIMIT")]
+    pub time_limit: Option<f64>,
+
+    /// Soft time limit in seconds: `SoftTimeLimitExceeded` is raised inside the task.
+    #[arg(long = "soft-time-limit", env = "CELERIAC_SOFT_TIME_LIMIT")]
+    pub soft_time_limit: Option<f64>,
+
+    /// Replace a pool child after it ran this many tasks.
+    #[arg(long = "max-tasks-per-child", env = "CELERIAC_MAX_TASKS_PER_CHILD")]
+    pub max_tasks_per_child: Option<u64>,
+
+    /// Replace a pool child after a task leaves it above this resident memory (KiB).
+    #[arg(long = "max-memory-per-child", env = "CELERIAC_MAX_MEMORY_PER_CHILD")]
+    pub max_memory_per_child: Option<u64>,
 
     #[command(flatten)]
     pub not_yet: NotYetImplemented,
@@ -144,65 +155,23 @@ pub struct NotYetImplemented {
     pub statedb: Option<String>,
     #[arg(short = 'P', long = "pool", env = "CELERIAC_POOL", hide = true)]
     pub pool: Option<String>,
-    #[arg(long = "time-limit", env = "CELERIAC_TIME_LIMIT", hide = true)]
-    pub time_limit: Option<String>,
-    #[arg(
-        long = "soft-time-limit",
-        env = "CELERIAC_SOFT_TIME_LIMIT",
-        hide = true
-    )]
-    pub soft_time_limit: Option<String>,
-    #[arg(
-        long = "max-tasks-per-child",
-        env = "CELERIAC_MAX_TASKS_PER_CHILD",
-        hide = true
-    )]
-    pub max_tasks_per_child: Option<String>,
-    #[arg(
-        long = "max-memory-per-child",
-        env = "CELERIAC_MAX_MEMORY_PER_CHILD",
-        hide = true
-    )]
-    pub max_memory_per_child: Option<String>,
-    #[arg(
-        long = "pool-start-method",
-        env = "CELERIAC_POOL_START_METHOD",
-        hide = true
-    )]
+    #[arg(long = "pool-start-method", env = "CELERIAC_POOL_START_METHOD", hide = true)]
     pub pool_start_method: Option<String>,
-    #[arg(
-        long = "purge",
-        visible_alias = "discard",
-        env = "CELERIAC_PURGE",
-        hide = true
-    )]
+    #[arg(long = "purge", visible_alias = "discard", env = "CELERIAC_PURGE", hide = true)]
     pub purge: bool,
     #[arg(short = 'I', long = "include", env = "CELERIAC_INCLUDE", hide = true)]
     pub include: Option<String>,
-    #[arg(
-        long = "heartbeat-interval",
-        env = "CELERIAC_HEARTBEAT_INTERVAL",
-        hide = true
-    )]
+    #[arg(long = "heartbeat-interval", env = "CELERIAC_HEARTBEAT_INTERVAL", hide = true)]
     pub heartbeat_interval: Option<String>,
     #[arg(long = "autoscale", env = "CELERIAC_AUTOSCALE", hide = true)]
     pub autoscale: Option<String>,
     #[arg(short = 'B', long = "beat", env = "CELERIAC_BEAT", hide = true)]
     pub beat: bool,
-    #[arg(
-        short = 's',
-        long = "schedule-filename",
-        visible_alias = "schedule",
-        hide = true
-    )]
+    #[arg(short = 's', long = "schedule-filename", visible_alias = "schedule", hide = true)]
     pub schedule_filename: Option<String>,
     #[arg(long = "scheduler", env = "CELERIAC_SCHEDULER", hide = true)]
     pub scheduler: Option<String>,
-    #[arg(
-        long = "disable-prefetch",
-        env = "CELERIAC_DISABLE_PREFETCH",
-        hide = true
-    )]
+    #[arg(long = "disable-prefetch", env = "CELERIAC_DISABLE_PREFETCH", hide = true)]
     pub disable_prefetch: bool,
 }
 
@@ -222,17 +191,7 @@ impl NotYetImplemented {
         note(self.umask.is_some(), "--umask");
         note(self.executable.is_some(), "--executable");
         note(self.statedb.is_some(), "--statedb");
-        note(
-            self.pool.as_deref().is_some_and(|p| p != "prefork"),
-            "--pool",
-        );
-        note(self.time_limit.is_some(), "--time-limit");
-        note(self.soft_time_limit.is_some(), "--soft-time-limit");
-        note(self.max_tasks_per_child.is_some(), "--max-tasks-per-child");
-        note(
-            self.max_memory_per_child.is_some(),
-            "--max-memory-per-child",
-        );
+        note(self.pool.as_deref().is_some_and(|p| p != "prefork"), "--pool");
         note(self.pool_start_method.is_some(), "--pool-start-method");
         note(self.purge, "--purge");
         note(self.include.is_some(), "--include");
@@ -250,18 +209,14 @@ fn parse_loglevel(s: &str) -> Result<String, String> {
     let up = s.to_ascii_uppercase();
     match up.as_str() {
         "DEBUG" | "INFO" | "WARNING" | "WARN" | "ERROR" | "CRITICAL" | "FATAL" => Ok(up),
-        _ => Err(format!(
-            "{s:?} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL, FATAL"
-        )),
+        _ => Err(format!("{s:?} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL, FATAL")),
     }
 }
 
 impl Cli {
     /// The app locator from `-A`, `CELERY_APP`, or the stock CLI's plain `APP` variable.
     pub fn app_locator(&self) -> Option<String> {
-        self.app
-            .clone()
-            .or_else(|| std::env::var("APP").ok().filter(|s| !s.is_empty()))
+        self.app.clone().or_else(|| std::env::var("APP").ok().filter(|s| !s.is_empty()))
     }
 }
 
@@ -317,19 +272,9 @@ mod tests {
 
     #[test]
     fn stock_flags_not_implemented_are_accepted() {
-        let cli = parse(&[
-            "celeriac",
-            "-A",
-            "x",
-            "worker",
-            "-B",
-            "--max-tasks-per-child",
-            "10",
-            "-P",
-            "prefork",
-        ]);
+        let cli = parse(&["celeriac", "-A", "x", "worker", "-B", "--autoscale", "4,2", "-P", "prefork"]);
         let Command::Worker(w) = cli.command;
-        assert_eq!(w.not_yet.given(), vec!["--max-tasks-per-child", "--beat"]);
+        assert_eq!(w.not_yet.given(), vec!["--autoscale", "--beat"]);
     }
 
     #[test]

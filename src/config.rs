@@ -52,6 +52,9 @@ pub struct TaskOptions {
     pub acks_on_failure: Option<bool>,
     #[serde(default)]
     pub reject_on_worker_lost: bool,
+    pub acks_on_timeout: Option<bool>,
+    pub time_limit: Option<f64>,
+    pub soft_time_limit: Option<f64>,
 }
 
 fn yes() -> bool {
@@ -61,8 +64,12 @@ fn yes() -> bool {
 impl TaskOptions {
     /// `task_acks_on_failure` (5.7) overrides the combined `acks_on_failure_or_timeout`.
     pub fn acks_on_failure(&self) -> bool {
-        self.acks_on_failure
-            .unwrap_or(self.acks_on_failure_or_timeout)
+        self.acks_on_failure.unwrap_or(self.acks_on_failure_or_timeout)
+    }
+
+    /// `task_acks_on_timeout` (5.7) likewise.
+    pub fn acks_on_timeout(&self) -> bool {
+        self.acks_on_timeout.unwrap_or(self.acks_on_failure_or_timeout)
     }
 }
 
@@ -76,6 +83,10 @@ pub struct WorkerSettings {
     pub accept_content: Vec<String>,
     pub queues: Vec<QueueSpec>,
     pub cancel_long_running_on_connection_loss: bool,
+    /// `--time-limit` / `--soft-time-limit`: the pool's defaults when neither the message nor
+    /// the task sets one.
+    pub time_limit: Option<f64>,
+    pub soft_time_limit: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,9 +106,7 @@ pub enum SettingsError {
 
 impl WorkerSettings {
     pub fn resolve(worker: &WorkerArgs, app: &AppInfo) -> Result<Self, SettingsError> {
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         // The app's configuration as one source; unset keys fall through to the defaults.
         let mut from_app = Map::new();
         if let Some(c) = app.conf.worker_concurrency.filter(|c| *c > 0) {
@@ -106,23 +115,14 @@ impl WorkerSettings {
         if let Some(m) = app.conf.worker_prefetch_multiplier {
             from_app.insert("prefetch_multiplier".into(), json!(m));
         }
-        from_app.insert(
-            "task_events".into(),
-            json!(app.conf.worker_send_task_events),
-        );
+        from_app.insert("task_events".into(), json!(app.conf.worker_send_task_events));
         let layered: Layered = Config::builder()
             .set_default("concurrency", cpus as u64)?
             .set_default("prefetch_multiplier", 4u64)?
             .set_default("task_events", false)?
-            .add_source(File::from_str(
-                &Value::Object(from_app).to_string(),
-                FileFormat::Json,
-            ))
+            .add_source(File::from_str(&Value::Object(from_app).to_string(), FileFormat::Json))
             .set_override_option("concurrency", worker.concurrency.map(|c| c as u64))?
-            .set_override_option(
-                "prefetch_multiplier",
-                worker.prefetch_multiplier.map(|c| c as u64),
-            )?
+            .set_override_option("prefetch_multiplier", worker.prefetch_multiplier.map(|c| c as u64))?
             .set_override_option("task_events", worker.task_events.then_some(true))?
             .build()?
             .try_deserialize()?;
@@ -136,9 +136,9 @@ impl WorkerSettings {
             task_events: layered.task_events,
             accept_content: app.conf.accept_content.clone(),
             queues: app.queues.clone(),
-            cancel_long_running_on_connection_loss: app
-                .conf
-                .worker_cancel_long_running_tasks_on_connection_loss,
+            cancel_long_running_on_connection_loss: app.conf.worker_cancel_long_running_tasks_on_connection_loss,
+            time_limit: worker.time_limit.filter(|t| *t > 0.0),
+            soft_time_limit: worker.soft_time_limit.filter(|t| *t > 0.0),
         })
     }
 
@@ -169,6 +169,8 @@ pub fn zygote_options(cli: &Cli, worker: &WorkerArgs) -> Value {
         "queues": worker.queues,
         "exclude_queues": worker.exclude_queues,
         "concurrency": worker.concurrency,
+        "max_tasks_per_child": worker.max_tasks_per_child,
+        "max_memory_per_child": worker.max_memory_per_child,
     })
 }
 
@@ -202,16 +204,11 @@ mod tests {
             json!({"worker_concurrency": 3, "worker_prefetch_multiplier": 2, "accept_content": ["application/json"]}),
         );
         let s = WorkerSettings::resolve(&worker(&[]), &app).unwrap();
-        assert_eq!(
-            (s.concurrency, s.prefetch_multiplier, s.prefetch_count()),
-            (3, 2, 6)
-        );
-        let s = WorkerSettings::resolve(&worker(&["-c", "5", "--prefetch-multiplier", "1"]), &app)
-            .unwrap();
+        assert_eq!((s.concurrency, s.prefetch_multiplier, s.prefetch_count()), (3, 2, 6));
+        let s = WorkerSettings::resolve(&worker(&["-c", "5", "--prefetch-multiplier", "1"]), &app).unwrap();
         assert_eq!((s.concurrency, s.prefetch_multiplier), (5, 1));
-        let app = app_info(
-            json!({"worker_concurrency": null, "worker_prefetch_multiplier": null, "accept_content": []}),
-        );
+        let app =
+            app_info(json!({"worker_concurrency": null, "worker_prefetch_multiplier": null, "accept_content": []}));
         let s = WorkerSettings::resolve(&worker(&[]), &app).unwrap();
         assert_eq!(s.prefetch_multiplier, 4);
         assert!(s.concurrency >= 1);

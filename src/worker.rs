@@ -33,9 +33,7 @@ pub fn run(cli: &Cli, worker: &WorkerArgs) -> i32 {
         }
     }
     if cli.app_locator().is_none() {
-        error!(
-            "No Celery app given: pass -A/--app (e.g. `celeriac -A core worker`) or set CELERY_APP"
-        );
+        error!("No Celery app given: pass -A/--app (e.g. `celeriac -A core worker`) or set CELERY_APP");
         return 1;
     }
     let python = interpreter::choose(cli.python.as_deref());
@@ -54,10 +52,7 @@ pub fn run(cli: &Cli, worker: &WorkerArgs) -> i32 {
             return 1;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!("Cannot start the async runtime: {e}");
@@ -105,21 +100,12 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
         }
     };
     let scheme = app.broker_url.split("://").next().unwrap_or("").to_owned();
-    let parts = Parts {
-        settings,
-        app,
-        zygote,
-        pool_tx,
-        pool_rx,
-        stops,
-    };
+    let parts = Parts { settings, app, zygote, pool_tx, pool_rx, stops };
     match scheme.as_str() {
         "redis" | "redis+socket" | "unix" => {
-            let opts =
-                RedisOptions::from_transport_options(&parts.app.conf.broker_transport_options);
+            let opts = RedisOptions::from_transport_options(&parts.app.conf.broker_transport_options);
             let url = parts.app.broker_url.clone();
-            let connected =
-                with_retries(&parts.app, || RedisTransport::connect(&url, opts.clone())).await;
+            let connected = with_retries(&parts.app, || RedisTransport::connect(&url, opts.clone())).await;
             start(connected, parts).await
         }
         "amqp" | "pyamqp" | "amqps" | "pyamqps" | "librabbitmq" => {
@@ -129,21 +115,12 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
                 connect_timeout_ms: conf.broker_connection_timeout.map(|t| (t * 1000.0) as u64),
                 max_retries: conf.broker_connection_max_retries,
             };
-            let (url, display) = (
-                parts.app.broker_url.clone(),
-                parts.app.broker_display.clone(),
-            );
-            let connected = with_retries(&parts.app, || {
-                AmqpTransport::connect(&url, &display, opts.clone())
-            })
-            .await;
+            let (url, display) = (parts.app.broker_url.clone(), parts.app.broker_display.clone());
+            let connected = with_retries(&parts.app, || AmqpTransport::connect(&url, &display, opts.clone())).await;
             start(connected, parts).await
         }
         _ => {
-            error!(
-                "{}",
-                TransportError::UnsupportedUrl(parts.app.broker_display.clone())
-            );
+            error!("{}", TransportError::UnsupportedUrl(parts.app.broker_display.clone()));
             1
         }
     }
@@ -163,10 +140,7 @@ async fn start<T: Transport>(connected: Result<T, TransportError>, parts: Parts)
     let transport = match connected {
         Ok(t) => Arc::new(t),
         Err(e) => {
-            error!(
-                "consumer: Cannot connect to {}: {e}",
-                parts.app.broker_display
-            );
+            error!("consumer: Cannot connect to {}: {e}", parts.app.broker_display);
             return 1;
         }
     };
@@ -185,10 +159,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, TransportError>>,
 {
-    let max = app
-        .conf
-        .broker_connection_max_retries
-        .unwrap_or(CONNECT_RETRIES);
+    let max = app.conf.broker_connection_max_retries.unwrap_or(CONNECT_RETRIES);
     let mut delay = Duration::from_millis(500);
     let mut attempt = 0;
     loop {
@@ -210,14 +181,7 @@ where
 }
 
 async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
-    let Parts {
-        settings,
-        app,
-        zygote,
-        pool_tx,
-        pool_rx,
-        stops,
-    } = parts;
+    let Parts { settings, app, zygote, pool_tx, pool_rx, stops } = parts;
     let prefetch = match settings.prefetch_count() {
         0 => Semaphore::MAX_PERMITS / 2,
         n => n,
@@ -227,13 +191,8 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_BUFFER);
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
     let (prefetch_tx, prefetch_rx) = watch::channel(prefetch);
-    let consuming = transport.clone().consume(
-        settings.queues.clone(),
-        window.clone(),
-        prefetch_rx,
-        delivery_tx,
-        stop_rx.clone(),
-    );
+    let consuming =
+        transport.clone().consume(settings.queues.clone(), window.clone(), prefetch_rx, delivery_tx, stop_rx.clone());
     let maintenance = transport.clone().maintain(stop_rx);
     let acking = tokio::spawn(acker::run(transport.clone(), settle_rx, window.clone()));
     let pool = Pool::new(zygote, pool_tx);
@@ -250,10 +209,7 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     // The consumer dropped its settle sender: the acker drains what is left and ends.
     let _ = consuming.await;
     maintenance.abort();
-    if tokio::time::timeout(Duration::from_secs(10), acking)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(10), acking).await.is_err() {
         error!("Timed out acknowledging the last messages; they will be redelivered");
     }
     match transport.restore_all().await {

@@ -62,9 +62,9 @@ def test_app_after_subcommand_and_module_attr_form(worker):
 
 
 def test_stock_flags_not_implemented_warn(worker):
-    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--max-tasks-per-child", "5", "-O", "fair",
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--autoscale", "4,2", "-O", "fair",
                 "--without-mingle", "--without-gossip", "--without-heartbeat", "-E"]).wait_ready()
-    assert "--max-tasks-per-child is accepted for compatibility" in w.log()
+    assert "--autoscale is accepted for compatibility" in w.log()
     assert testapp.add.delay(2, 2).get(timeout=10) == 4
 
 

@@ -49,12 +49,36 @@ def _dump_body(body):
     return repr(text)
 
 
+def _soft_time_limit(signum, frame):
+    # billiard.pool.soft_timeout_sighandler: raised inside the running task, which may catch it.
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    raise SoftTimeLimitExceeded()
+
+
 class Child:
-    def __init__(self, sock, app, hostname):
+    def __init__(self, sock, app, hostname, max_tasks=None, max_memory_kib=None):
         self.sock = sock
         self.app = app
         self.hostname = hostname
         self.accept = trace._localized[1] if len(trace._localized) > 1 else None
+        self.max_tasks = max_tasks or 0
+        self.max_memory_kib = max_memory_kib or 0
+        self.completed = 0
+
+    def should_retire(self):
+        """billiard's worker loop: leave after max tasks, or when memory grew past the limit."""
+        if self.max_tasks and self.completed >= self.max_tasks:
+            return True
+        if self.max_memory_kib:
+            from billiard.compat import mem_rss
+
+            used = mem_rss()
+            if used > self.max_memory_kib:
+                logger.warning("child process exiting after exceeding memory limit (%sKiB / %sKiB)",
+                               used, self.max_memory_kib)
+                return True
+        return False
 
     def send(self, kind, obj):
         self.sock.sendall(frames.pack(kind, json.dumps(obj).encode()))
@@ -68,12 +92,17 @@ class Child:
             kind, payload = frame
             if kind == frames.TASK:
                 report = self.run_task(payload)
+                self.completed += 1
             elif kind == frames.MARK_FAILURE:
                 report = self.mark_failure(json.loads(payload))
             else:
                 logger.error("celeriac child: unknown frame kind %r ignored", kind)
                 continue
+            retire = kind == frames.TASK and self.should_retire()
+            report["exiting"] = retire
             self.send(frames.DONE, report)
+            if retire:
+                return 0
 
     def run_task(self, payload):
         meta_raw, body = frames.split_task_payload(payload)
@@ -147,6 +176,8 @@ class Child:
                 self._record_worker_lost(job)
             elif reason == "cancelled":
                 self._record_cancelled(job)
+            elif reason == "time_limit":
+                self._record_time_limit(job)
             else:
                 logger.error("celeriac: unknown outcome record %r", reason)
         except Exception:
@@ -183,6 +214,24 @@ class Child:
         backend.mark_as_revoked(job["id"], "expired", request=context)
         signals.task_revoked.send(sender=task, request=context, terminated=False, signum=None, expired=True)
 
+    def _record_time_limit(self, job):
+        # celery/worker/request.py: Request.on_timeout(soft=False)
+        from billiard.exceptions import TimeLimitExceeded
+        from celery import signals
+
+        task = self.app.tasks.get(job["name"])
+        limit = job.get("limit")
+        exc = TimeLimitExceeded(int(limit) if limit is not None and float(limit).is_integer() else limit)
+        context = self._context(job)
+        self._store_failure(job["id"], job["name"], dict(vars(context)), exc)
+        if task is not None:
+            try:
+                task.on_failure(exc, job["id"], context.args, context.kwargs, None)
+            except Exception:
+                logger.exception("on_failure handler of %s raised", job["name"])
+        signals.task_failure.send(sender=task, task_id=job["id"], exception=exc,
+                                  args=context.args, kwargs=context.kwargs, traceback=None, einfo=None)
+
     def _record_cancelled(self, job):
         # celery/worker/request.py: Request._announce_cancelled
         from celery import signals
@@ -209,14 +258,19 @@ class Child:
                                   args=context.args, kwargs=context.kwargs, traceback=None, einfo=None)
 
 
-def run(fd, index, app, hostname):
+def run(fd, index, app, hostname, options):
     """Body of a forked child; returns the process exit code."""
+    import signal
+
     multiprocessing.current_process().name = f"ForkPoolWorker-{index}"
     sock = socket.socket(fileno=fd)
     process_initializer(app, hostname)
+    signal.signal(signal.SIGUSR1, _soft_time_limit)
+    max_tasks = options.get("max_tasks_per_child") or app.conf.worker_max_tasks_per_child
+    max_memory = options.get("max_memory_per_child") or app.conf.worker_max_memory_per_child
     code = 0
     try:
-        code = Child(sock, app, hostname).serve()
+        code = Child(sock, app, hostname, max_tasks, max_memory).serve()
     except (KeyboardInterrupt, SystemExit) as exc:
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
     finally:

@@ -234,10 +234,10 @@ def main(control_fd, options_json):
     # Children share the app's objects copy-on-write; keep the collector from touching them.
     gc.collect()
     gc.freeze()
-    return _serve(control, app, hostname)
+    return _serve(control, app, hostname, options)
 
 
-def _serve(control, app, hostname):
+def _serve(control, app, hostname, options):
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -269,7 +269,7 @@ def _serve(control, app, hostname):
                     control.close()
                     from celeriac import child
 
-                    code = child.run(fds[0], index, app, hostname)
+                    code = child.run(fds[0], index, app, hostname, options)
                     logging.shutdown()
                     os._exit(code)
                 os.close(fds[0])

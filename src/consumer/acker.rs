@@ -15,11 +15,7 @@ pub type SettleOp = (Settle, bool);
 
 const MAX_BATCH: usize = 512;
 
-pub async fn run<T: Transport>(
-    transport: Arc<T>,
-    mut ops: mpsc::UnboundedReceiver<SettleOp>,
-    window: Arc<Semaphore>,
-) {
+pub async fn run<T: Transport>(transport: Arc<T>, mut ops: mpsc::UnboundedReceiver<SettleOp>, window: Arc<Semaphore>) {
     while let Some(first) = ops.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -33,11 +29,7 @@ pub async fn run<T: Transport>(
         let mut delay = Duration::from_millis(100);
         // Keep trying: an ack that never reaches the broker means a duplicate run later.
         while let Err(e) = transport.settle(settles.clone()).await {
-            error!(
-                "Could not acknowledge {} message(s): {e}. Retrying in {:.1}s",
-                settles.len(),
-                delay.as_secs_f64()
-            );
+            error!("Could not acknowledge {} message(s): {e}. Retrying in {:.1}s", settles.len(), delay.as_secs_f64());
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }

@@ -14,11 +14,7 @@ pub struct EtaQueue<T> {
 
 impl<T> Default for EtaQueue<T> {
     fn default() -> Self {
-        EtaQueue {
-            heap: BinaryHeap::new(),
-            items: Default::default(),
-            seq: 0,
-        }
+        EtaQueue { heap: BinaryHeap::new(), items: Default::default(), seq: 0 }
     }
 }
 
@@ -71,10 +67,7 @@ mod tests {
         q.push(now + Duration::seconds(1), "soon-b");
         assert_eq!(q.next_due(), Some(now - Duration::seconds(1)));
         assert_eq!(q.pop_due(now), vec!["past"]);
-        assert_eq!(
-            q.pop_due(now + Duration::seconds(2)),
-            vec!["soon-a", "soon-b"]
-        );
+        assert_eq!(q.pop_due(now + Duration::seconds(2)), vec!["soon-a", "soon-b"]);
         assert_eq!(q.drain(), vec!["late"]);
         assert_eq!(q.next_due(), None);
     }

@@ -43,7 +43,7 @@ pub struct Consumer {
     /// The job each busy child is running.
     active: HashMap<usize, Job>,
     /// Jobs of children whose socket closed, waiting for the zygote's exit report.
-    lost: HashMap<i32, Job>,
+    lost: HashMap<i32, (usize, Job)>,
     /// Exit reports that arrived before the child's socket closed.
     exits: HashMap<i32, ExitStatus>,
     startup_failures: u32,
@@ -62,12 +62,7 @@ pub struct Channels {
 }
 
 impl Consumer {
-    pub fn new(
-        settings: Arc<WorkerSettings>,
-        tasks: HashMap<String, TaskOptions>,
-        pool: Pool,
-        ch: Channels,
-    ) -> Self {
+    pub fn new(settings: Arc<WorkerSettings>, tasks: HashMap<String, TaskOptions>, pool: Pool, ch: Channels) -> Self {
         Consumer {
             settings,
             tasks,
@@ -108,6 +103,13 @@ impl Consumer {
                     None => std::future::pending().await,
                 }
             };
+            let next_limit = self.next_time_limit();
+            let limit_sleep = async {
+                match next_limit {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 Some(incoming) = self.deliveries.recv(), if self.stopping.is_none() => match incoming {
                     Incoming::Delivery(delivery) => self.on_delivery(*delivery),
@@ -120,13 +122,12 @@ impl Consumer {
                 }
                 Some(stop) = signals.recv() => self.begin_stop(stop),
                 _ = eta_sleep => self.release_due(),
+                _ = limit_sleep => self.enforce_time_limits(),
             }
             self.dispatch().await;
             match self.stopping {
                 Some(Stop::Cold) => return self.finish(Stop::Cold, 1).await,
-                Some(warm @ Stop::Warm { exit_code })
-                    if self.active.is_empty() && self.ready.is_empty() =>
-                {
+                Some(warm @ Stop::Warm { exit_code }) if self.active.is_empty() && self.ready.is_empty() => {
                     return self.finish(warm, exit_code).await
                 }
                 _ => {}
@@ -157,13 +158,7 @@ impl Consumer {
             return self.settle(Settle::Reject(delivery.tag), true);
         }
         info!("Task {}[{}] received", message.display_name(), message.id);
-        let request = Request {
-            delivery,
-            message,
-            options,
-            eta_bumped: false,
-            cancelled: false,
-        };
+        let request = Request::new(delivery, message, options);
         if request.is_expired() {
             return self.discard_expired(request);
         }
@@ -185,8 +180,7 @@ impl Consumer {
     fn release_due(&mut self) {
         let due = self.eta.pop_due(Utc::now());
         if !due.is_empty() {
-            self.prefetch
-                .send_modify(|p| *p = p.saturating_sub(due.len()));
+            self.prefetch.send_modify(|p| *p = p.saturating_sub(due.len()));
         }
         for request in due {
             self.ready.push_back(Job::Task(Box::new(request)));
@@ -208,8 +202,7 @@ impl Consumer {
             }
         }
         let held = self.eta.drain();
-        self.prefetch
-            .send_modify(|p| *p = p.saturating_sub(held.len()));
+        self.prefetch.send_modify(|p| *p = p.saturating_sub(held.len()));
         for r in held {
             self.settle(Settle::Forget(r.delivery.tag), false);
             dropped += 1;
@@ -245,16 +238,12 @@ impl Consumer {
                         r.message.id
                     );
                     r.cancelled = true;
-                    cancel.push((
-                        *index,
-                        r.child_meta_value(&self.settings.hostname),
-                        r.message.clone(),
-                    ));
+                    cancel.push((*index, r.child_meta_value(&self.settings.hostname), r.message.clone()));
                 }
             }
         }
         for (index, meta, message) in cancel {
-            self.pool.terminate(index);
+            self.pool.signal(index, nix::sys::signal::Signal::SIGTERM);
             self.ready.push_back(Job::Record(json!({
                 "reason": "cancelled",
                 "id": message.id,
@@ -309,21 +298,14 @@ impl Consumer {
 
     /// `Request.revoked` for an expired request: stored REVOKED, acked, never run.
     fn discard_expired(&mut self, request: Request) {
-        info!(
-            "Discarding revoked task: {}[{}]",
-            request.message.display_name(),
-            request.message.id
-        );
+        info!("Discarding revoked task: {}[{}]", request.message.display_name(), request.message.id);
         let record = json!({
             "reason": "expired",
             "id": request.message.id,
             "name": request.message.name,
             "meta": request.child_meta_value(&self.settings.hostname),
         });
-        self.settle(
-            Settle::Ack(request.delivery.tag.clone()),
-            !request.eta_bumped,
-        );
+        self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
         self.ready.push_back(Job::Record(record));
     }
 
@@ -346,18 +328,12 @@ impl Consumer {
                         }
                         continue;
                     }
-                    let meta = ChildMeta::encode(
-                        &request.delivery,
-                        &request.message,
-                        &self.settings.hostname,
-                    );
+                    let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
                     let bytes = frame::encode_task(&meta, &request.delivery.body);
                     request.delivery.body = Vec::new(); // the child has it now
                     bytes
                 }
-                Job::Record(record) => {
-                    frame::encode(Kind::MarkFailure, record.to_string().as_bytes())
-                }
+                Job::Record(record) => frame::encode(Kind::MarkFailure, record.to_string().as_bytes()),
             };
             if let Err(e) = self.pool.send(index, &bytes).await {
                 // The child is going away; its Gone event will follow. Keep the job.
@@ -368,13 +344,11 @@ impl Consumer {
                 self.ready.push_front(job);
                 continue;
             }
-            if let Job::Task(request) = &job {
+            if let Job::Task(request) = &mut job {
+                request.start_clocks(self.settings.time_limit, self.settings.soft_time_limit);
                 // Early ack: the child is idle, so it starts the task now (`Request.on_accepted`).
                 if !request.options.acks_late {
-                    self.settle(
-                        Settle::Ack(request.delivery.tag.clone()),
-                        !request.eta_bumped,
-                    );
+                    self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
                 }
             }
             self.active.insert(index, job);
@@ -393,7 +367,7 @@ impl Consumer {
                 }
             }
             PoolEvent::Done { index, report } => {
-                self.pool.on_done(index);
+                self.pool.on_done(index, report.exiting);
                 match self.active.remove(&index) {
                     Some(Job::Task(request)) => self.on_task_done(*request, &report),
                     Some(Job::Record(_)) => {}
@@ -407,14 +381,12 @@ impl Consumer {
                     (Some(pid), Some(job)) => match self.exits.remove(&pid) {
                         Some(status) => self.on_job_lost(index, pid, job, &status),
                         None => {
-                            self.lost.insert(pid, job);
+                            self.lost.insert(pid, (index, job));
                         }
                     },
                     (None, _) => {
                         self.startup_failures += 1;
-                        error!(
-                            "ForkPoolWorker-{index} exited before it was ready (see the log above)"
-                        );
+                        error!("ForkPoolWorker-{index} exited before it was ready (see the log above)");
                         if self.startup_failures >= MAX_STARTUP_FAILURES {
                             error!("Pool children keep dying at start-up; stopping the worker");
                             return Err(1);
@@ -422,8 +394,11 @@ impl Consumer {
                     }
                     (Some(pid), None) => {
                         if self.stopping.is_none() {
-                            if let Some(status) = self.exits.remove(&pid) {
-                                error!("Process 'ForkPoolWorker-{index}' pid:{pid} exited with '{status}'");
+                            match self.exits.remove(&pid) {
+                                Some(status) if !status.is_clean() => {
+                                    error!("Process 'ForkPoolWorker-{index}' pid:{pid} exited with '{status}'")
+                                }
+                                _ => debug!("ForkPoolWorker-{index} (pid {pid}) left; replacing it"),
                             }
                         }
                     }
@@ -435,13 +410,11 @@ impl Consumer {
                 }
             }
             PoolEvent::Exited { pid, status } => {
-                if let Some(job) = self.lost.remove(&pid) {
-                    self.on_job_lost(0, pid, job, &status);
+                if let Some((index, job)) = self.lost.remove(&pid) {
+                    self.on_job_lost(index, pid, job, &status);
                 } else if self.pool.has_pid(pid) {
                     self.exits.insert(pid, status);
-                } else if self.stopping.is_none()
-                    && (status.signal.is_some() || status.exitcode != Some(0))
-                {
+                } else if self.stopping.is_none() && !status.is_clean() {
                     error!("Process pid:{pid} exited with '{status}'");
                 }
             }
@@ -457,6 +430,9 @@ impl Consumer {
 
     /// Settle a finished request per its ack policy (reference §3.3).
     fn on_task_done(&mut self, request: Request, report: &DoneReport) {
+        if request.timed_out {
+            return; // settled when the hard limit fired
+        }
         let frees = !request.eta_bumped;
         let tag = request.delivery.tag.clone();
         if !request.options.acks_late {
@@ -473,14 +449,12 @@ impl Consumer {
 
     /// A child died while running a job: `WorkerLostError`, as billiard reports it.
     fn on_job_lost(&mut self, index: usize, pid: i32, job: Job, status: &ExitStatus) {
-        let name = if index > 0 {
-            format!("ForkPoolWorker-{index}")
-        } else {
-            "ForkPoolWorker".into()
-        };
-        error!("Process '{name}' pid:{pid} exited with '{status}'");
+        error!("Process 'ForkPoolWorker-{index}' pid:{pid} exited with '{status}'");
         match job {
             Job::Record(record) => self.ready.push_back(Job::Record(record)),
+            Job::Task(request) if request.timed_out => {
+                debug!("task {} was killed for its hard time limit", request.message.id);
+            }
             Job::Task(request) if request.cancelled => {
                 debug!("cancelled task {} ended with its child", request.message.id);
             }
@@ -499,11 +473,7 @@ impl Consumer {
                     return;
                 }
                 if opts.acks_late {
-                    let op = if opts.acks_on_failure() {
-                        Settle::Ack(tag)
-                    } else {
-                        Settle::Reject(tag)
-                    };
+                    let op = if opts.acks_on_failure() { Settle::Ack(tag) } else { Settle::Reject(tag) };
                     self.settle(op, frees);
                 }
                 self.ready.push_back(Job::Record(json!({
@@ -513,6 +483,71 @@ impl Consumer {
                     "detail": detail,
                     "meta": request.child_meta_value(&self.settings.hostname),
                 })));
+            }
+        }
+    }
+
+    /// The earliest soft or hard deadline among running tasks.
+    fn next_time_limit(&self) -> Option<tokio::time::Instant> {
+        self.active
+            .values()
+            .filter_map(|job| match job {
+                Job::Task(r) if !r.timed_out => r.soft_deadline.into_iter().chain(r.hard_deadline).min(),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Soft limit: SIGUSR1 makes the child raise `SoftTimeLimitExceeded` in the task. Hard
+    /// limit: the child is killed, FAILURE with `TimeLimitExceeded` stored, the child replaced
+    /// (billiard's `TimeoutHandler`, `Request.on_timeout`).
+    fn enforce_time_limits(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut records = Vec::new();
+        for (index, job) in self.active.iter_mut() {
+            let Job::Task(r) = job else { continue };
+            if r.timed_out {
+                continue;
+            }
+            let (hard, soft) = r.time_limits(self.settings.time_limit, self.settings.soft_time_limit);
+            if r.soft_deadline.is_some_and(|d| d <= now) {
+                r.soft_deadline = None;
+                warn!(
+                    "Soft time limit ({}s) exceeded for {}[{}]",
+                    soft.unwrap_or(0.0),
+                    r.message.display_name(),
+                    r.message.id
+                );
+                self.pool.signal(*index, nix::sys::signal::Signal::SIGUSR1);
+            }
+            if r.hard_deadline.is_some_and(|d| d <= now) {
+                let hard = hard.unwrap_or(0.0);
+                error!("Hard time limit ({hard}s) exceeded for {}[{}]", r.message.display_name(), r.message.id);
+                r.timed_out = true;
+                self.pool.signal(*index, nix::sys::signal::Signal::SIGKILL);
+                if r.options.acks_late {
+                    let tag = r.delivery.tag.clone();
+                    let op = if r.options.acks_on_timeout() { Settle::Ack(tag) } else { Settle::Requeue(tag) };
+                    records.push((Some((op, !r.eta_bumped)), None));
+                }
+                records.push((
+                    None,
+                    Some(json!({
+                        "reason": "time_limit",
+                        "id": r.message.id,
+                        "name": r.message.name,
+                        "limit": hard,
+                        "meta": r.child_meta_value(&self.settings.hostname),
+                    })),
+                ));
+            }
+        }
+        for (settle, record) in records {
+            if let Some((op, frees)) = settle {
+                self.settle(op, frees);
+            }
+            if let Some(record) = record {
+                self.ready.push_back(Job::Record(record));
             }
         }
     }
@@ -570,9 +605,7 @@ impl Consumer {
             for (_, job) in self.active.drain() {
                 if let Job::Task(r) = job {
                     if r.options.acks_late {
-                        self.settle
-                            .send((Settle::Restore(r.delivery.tag), false))
-                            .ok();
+                        self.settle.send((Settle::Restore(r.delivery.tag), false)).ok();
                     }
                 }
             }

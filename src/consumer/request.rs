@@ -18,26 +18,58 @@ pub struct Request {
     /// Terminated on purpose after a connection loss: the broker redelivers it, so its end
     /// is neither a worker loss nor something to settle.
     pub cancelled: bool,
+    /// When the soft / hard time limit falls due while it runs (set at dispatch).
+    pub soft_deadline: Option<tokio::time::Instant>,
+    pub hard_deadline: Option<tokio::time::Instant>,
+    /// Killed for exceeding its hard time limit: already recorded and settled.
+    pub timed_out: bool,
 }
 
 impl Request {
+    /// A fresh request, not yet scheduled.
+    pub fn new(delivery: Delivery, message: TaskMessage, options: TaskOptions) -> Self {
+        Request {
+            delivery,
+            message,
+            options,
+            eta_bumped: false,
+            cancelled: false,
+            soft_deadline: None,
+            hard_deadline: None,
+            timed_out: false,
+        }
+    }
+
+    /// `(hard, soft)` in seconds: the message's `timelimit`, else the task's options, else the
+    /// worker's `--time-limit` / `--soft-time-limit` (`Request.execute_using_pool`).
+    pub fn time_limits(&self, worker_hard: Option<f64>, worker_soft: Option<f64>) -> (Option<f64>, Option<f64>) {
+        let (hard, soft) = self.message.timelimit;
+        (hard.or(self.options.time_limit).or(worker_hard), soft.or(self.options.soft_time_limit).or(worker_soft))
+    }
+
+    /// Start the time-limit clocks: the task starts now.
+    pub fn start_clocks(&mut self, worker_hard: Option<f64>, worker_soft: Option<f64>) {
+        let now = tokio::time::Instant::now();
+        let (hard, soft) = self.time_limits(worker_hard, worker_soft);
+        let at = |s: f64| now + std::time::Duration::from_secs_f64(s);
+        self.hard_deadline = hard.map(at);
+        self.soft_deadline = soft.map(at);
+    }
+
     pub fn is_expired(&self) -> bool {
         self.message.expires.is_some_and(|e| e <= Utc::now())
     }
 
     /// The request description as JSON, for outcome records a child stores for us.
     pub fn child_meta_value(&self, hostname: &str) -> Value {
-        serde_json::from_slice(&ChildMeta::encode(&self.delivery, &self.message, hostname))
-            .unwrap_or(Value::Null)
+        serde_json::from_slice(&ChildMeta::encode(&self.delivery, &self.message, hostname)).unwrap_or(Value::Null)
     }
 
     /// Put the body back from an encoded TASK frame whose write failed.
     pub fn restore_body(&mut self, task_frame: &[u8]) {
         // frame: u32 len | kind | u32 meta len | meta | body
         if task_frame.len() >= 9 {
-            let meta_len =
-                u32::from_be_bytes([task_frame[5], task_frame[6], task_frame[7], task_frame[8]])
-                    as usize;
+            let meta_len = u32::from_be_bytes([task_frame[5], task_frame[6], task_frame[7], task_frame[8]]) as usize;
             if let Some(body) = task_frame.get(9 + meta_len..) {
                 self.delivery.body = body.to_vec();
             }

@@ -54,10 +54,7 @@ fn venv_version(python: &Path) -> Option<String> {
 /// Refuse to mix two Pythons: the linked libpython must match the virtualenv's version.
 pub fn check_compatible(python: &Path) -> Result<(), String> {
     if !python.exists() {
-        return Err(format!(
-            "Python interpreter {} does not exist (set --python or VIRTUAL_ENV)",
-            python.display()
-        ));
+        return Err(format!("Python interpreter {} does not exist (set --python or VIRTUAL_ENV)", python.display()));
     }
     if let Some(found) = venv_version(python) {
         if found != LINKED_VERSION {
@@ -78,9 +75,7 @@ fn check(status: ffi::PyStatus, what: &str) -> Result<(), String> {
             "unknown error".to_owned()
         } else {
             // SAFETY: err_msg is a static C string set by CPython.
-            unsafe { std::ffi::CStr::from_ptr(status.err_msg) }
-                .to_string_lossy()
-                .into_owned()
+            unsafe { std::ffi::CStr::from_ptr(status.err_msg) }.to_string_lossy().into_owned()
         };
         return Err(format!("could not start Python ({what}): {msg}"));
     }
@@ -91,9 +86,7 @@ fn check(status: ffi::PyStatus, what: &str) -> Result<(), String> {
 pub fn initialize(python: &Path) -> Result<(), String> {
     check_compatible(python)?;
     let program = CString::new(python.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-    let args: Vec<CString> = std::env::args_os()
-        .filter_map(|a| CString::new(a.as_encoded_bytes()).ok())
-        .collect();
+    let args: Vec<CString> = std::env::args_os().filter_map(|a| CString::new(a.as_encoded_bytes()).ok()).collect();
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     // SAFETY: the PyConfig API is used as documented: init, set, initialize, clear; the strings
     // outlive the calls that copy them.
@@ -103,22 +96,11 @@ pub fn initialize(python: &Path) -> Result<(), String> {
         let mut config = config.assume_init();
         let result = (|| {
             check(
-                ffi::PyConfig_SetBytesString(
-                    &mut config,
-                    &mut config.program_name,
-                    program.as_ptr(),
-                ),
+                ffi::PyConfig_SetBytesString(&mut config, &mut config.program_name, program.as_ptr()),
                 "program name",
             )?;
             config.parse_argv = 0;
-            check(
-                ffi::PyConfig_SetBytesArgv(
-                    &mut config,
-                    argv.len() as ffi::Py_ssize_t,
-                    argv.as_mut_ptr(),
-                ),
-                "argv",
-            )?;
+            check(ffi::PyConfig_SetBytesArgv(&mut config, argv.len() as ffi::Py_ssize_t, argv.as_mut_ptr()), "argv")?;
             check(ffi::Py_InitializeFromConfig(&config), "initialize")
         })();
         ffi::PyConfig_Clear(&mut config);

@@ -16,40 +16,17 @@ use pyo3::types::PyModule;
 
 /// The Python half of the runtime, embedded so a single binary is all users install.
 const MODULES: [(&str, &str, &str); 4] = [
-    (
-        "celeriac",
-        "celeriac/__init__.py",
-        include_str!("../../python/celeriac/__init__.py"),
-    ),
-    (
-        "celeriac.frames",
-        "celeriac/frames.py",
-        include_str!("../../python/celeriac/frames.py"),
-    ),
-    (
-        "celeriac.child",
-        "celeriac/child.py",
-        include_str!("../../python/celeriac/child.py"),
-    ),
-    (
-        "celeriac.zygote",
-        "celeriac/zygote.py",
-        include_str!("../../python/celeriac/zygote.py"),
-    ),
+    ("celeriac", "celeriac/__init__.py", include_str!("../../python/celeriac/__init__.py")),
+    ("celeriac.frames", "celeriac/frames.py", include_str!("../../python/celeriac/frames.py")),
+    ("celeriac.child", "celeriac/child.py", include_str!("../../python/celeriac/child.py")),
+    ("celeriac.zygote", "celeriac/zygote.py", include_str!("../../python/celeriac/zygote.py")),
 ];
 
 fn load_modules(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     let mut zygote = None;
     for (name, file, source) in MODULES {
-        let to_c = |s: &str| {
-            CString::new(s).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
-        };
-        let module = PyModule::from_code(
-            py,
-            &to_c(source)?,
-            &to_c(&format!("<celeriac>/{file}"))?,
-            &to_c(name)?,
-        )?;
+        let to_c = |s: &str| CString::new(s).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()));
+        let module = PyModule::from_code(py, &to_c(source)?, &to_c(&format!("<celeriac>/{file}"))?, &to_c(name)?)?;
         if name == "celeriac" {
             // Make it a package so `from celeriac import frames` resolves to our modules.
             module.setattr("__path__", pyo3::types::PyList::empty(py))?;
@@ -70,11 +47,8 @@ pub fn run_zygote(control_fd: RawFd, options_json: &str, python: &std::path::Pat
         return 1;
     }
     Python::with_gil(|py| {
-        let result = load_modules(py).and_then(|z| {
-            z.getattr("main")?
-                .call1((control_fd, options_json))?
-                .extract::<i32>()
-        });
+        let result =
+            load_modules(py).and_then(|z| z.getattr("main")?.call1((control_fd, options_json))?.extract::<i32>());
         match result {
             Ok(code) => code,
             Err(err) => {

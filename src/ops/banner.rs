@@ -14,11 +14,7 @@ pub fn render(app: &AppInfo, settings: &WorkerSettings) -> String {
             )
         })
         .unwrap_or_else(|_| "unknown".into());
-    let events = if settings.task_events {
-        "ON"
-    } else {
-        "OFF (enable -E to monitor tasks in this worker)"
-    };
+    let events = if settings.task_events { "ON" } else { "OFF (enable -E to monitor tasks in this worker)" };
     let results = app.result_backend.as_deref().unwrap_or("disabled://");
     let mut out = format!(
         "
@@ -51,11 +47,7 @@ pub fn render(app: &AppInfo, settings: &WorkerSettings) -> String {
             q.name, q.exchange, q.exchange_type, q.routing_key
         ));
     }
-    let mut names: Vec<&String> = app
-        .tasks
-        .keys()
-        .filter(|n| !n.starts_with("celery."))
-        .collect();
+    let mut names: Vec<&String> = app.tasks.keys().filter(|n| !n.starts_with("celery.")).collect();
     names.sort();
     out.push_str("\n[tasks]\n");
     for n in names {

@@ -14,12 +14,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let now = chrono::Local::now();
         let level = match *event.metadata().level() {
             Level::ERROR => "ERROR",
@@ -27,11 +22,7 @@ where
             Level::INFO => "INFO",
             Level::DEBUG | Level::TRACE => "DEBUG",
         };
-        write!(
-            writer,
-            "[{}: {level}/MainProcess] ",
-            now.format("%Y-%m-%d %H:%M:%S,%3f")
-        )?;
+        write!(writer, "[{}: {level}/MainProcess] ", now.format("%Y-%m-%d %H:%M:%S,%3f"))?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }

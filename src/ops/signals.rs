@@ -17,28 +17,24 @@ pub enum Stop {
 pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Stop>> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let remap_term = std::env::var("REMAP_SIGTERM")
-        .map(|v| v == "SIGQUIT")
-        .unwrap_or(false);
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut interrupted = false;
-            for sig in signals.forever() {
-                let stop = match sig {
-                    SIGTERM if remap_term => Stop::Cold,
-                    SIGTERM => Stop::Warm { exit_code: 0 },
-                    SIGINT if interrupted => Stop::Cold,
-                    SIGINT => {
-                        interrupted = true;
-                        Stop::Warm { exit_code: 1 }
-                    }
-                    _ => Stop::Cold,
-                };
-                if tx.send(stop).is_err() {
-                    return;
+    let remap_term = std::env::var("REMAP_SIGTERM").map(|v| v == "SIGQUIT").unwrap_or(false);
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut interrupted = false;
+        for sig in signals.forever() {
+            let stop = match sig {
+                SIGTERM if remap_term => Stop::Cold,
+                SIGTERM => Stop::Warm { exit_code: 0 },
+                SIGINT if interrupted => Stop::Cold,
+                SIGINT => {
+                    interrupted = true;
+                    Stop::Warm { exit_code: 1 }
                 }
+                _ => Stop::Cold,
+            };
+            if tx.send(stop).is_err() {
+                return;
             }
-        })?;
+        }
+    })?;
     Ok(rx)
 }

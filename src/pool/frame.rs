@@ -124,9 +124,6 @@ mod tests {
         let mut bad = bytes.clone();
         bad[4] = 99;
         let mut r = &bad[..];
-        assert!(matches!(
-            read(&mut r).await,
-            Err(FrameError::UnknownKind(99))
-        ));
+        assert!(matches!(read(&mut r).await, Err(FrameError::UnknownKind(99))));
     }
 }

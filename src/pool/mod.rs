@@ -25,6 +25,9 @@ pub struct DoneReport {
     /// For `rejected`: `Reject(requeue=...)`.
     #[serde(default)]
     pub requeue: bool,
+    /// The child leaves after this job (`--max-tasks-per-child`, `--max-memory-per-child`).
+    #[serde(default)]
+    pub exiting: bool,
 }
 
 #[derive(Debug)]
@@ -46,6 +49,8 @@ enum SlotState {
     Starting,
     Idle,
     Busy,
+    /// Exiting after its last job (recycled); replaced when its socket closes.
+    Retiring,
 }
 
 struct Slot {
@@ -76,13 +81,7 @@ pub enum PoolError {
 
 impl Pool {
     pub fn new(zygote: Zygote, events: mpsc::UnboundedSender<PoolEvent>) -> Self {
-        Pool {
-            zygote,
-            slots: HashMap::new(),
-            idle: VecDeque::new(),
-            next_index: 1,
-            events,
-        }
+        Pool { zygote, slots: HashMap::new(), idle: VecDeque::new(), next_index: 1, events }
     }
 
     /// Ask the zygote for one more child. It reports `Ready` once initialised.
@@ -90,10 +89,7 @@ impl Pool {
         let (ours, theirs) = StdUnixStream::pair().map_err(PoolError::Socket)?;
         let index = self.next_index;
         self.next_index += 1;
-        self.zygote
-            .fork(index, &theirs)
-            .await
-            .map_err(|e| PoolError::Fork(e.to_string()))?;
+        self.zygote.fork(index, &theirs).await.map_err(|e| PoolError::Fork(e.to_string()))?;
         drop(theirs);
         ours.set_nonblocking(true).map_err(PoolError::Socket)?;
         let stream = UnixStream::from_std(ours).map_err(PoolError::Socket)?;
@@ -117,10 +113,7 @@ impl Pool {
                             Err(e) => {
                                 // Still free the child; settle as a failure of unknown cause.
                                 error!("ForkPoolWorker-{index} sent an unreadable report: {e}");
-                                let report = DoneReport {
-                                    outcome: "failure".into(),
-                                    requeue: false,
-                                };
+                                let report = DoneReport { outcome: "failure".into(), requeue: false, exiting: false };
                                 let _ = events.send(PoolEvent::Done { index, report });
                             }
                         }
@@ -137,14 +130,7 @@ impl Pool {
             }
             let _ = events.send(PoolEvent::Gone { index });
         });
-        self.slots.insert(
-            index,
-            Slot {
-                pid: None,
-                state: SlotState::Starting,
-                writer,
-            },
-        );
+        self.slots.insert(index, Slot { pid: None, state: SlotState::Starting, writer });
         Ok(index)
     }
 
@@ -156,9 +142,12 @@ impl Pool {
         }
     }
 
-    pub fn on_done(&mut self, index: usize) {
+    /// A child finished its job; it gets more work unless it said it is leaving.
+    pub fn on_done(&mut self, index: usize, exiting: bool) {
         if let Some(slot) = self.slots.get_mut(&index) {
-            if slot.state == SlotState::Busy {
+            if exiting {
+                slot.state = SlotState::Retiring;
+            } else if slot.state == SlotState::Busy {
                 slot.state = SlotState::Idle;
                 self.idle.push_back(index);
             }
@@ -177,10 +166,7 @@ impl Pool {
 
     /// Children that finished starting (idle or busy).
     pub fn ready_count(&self) -> usize {
-        self.slots
-            .values()
-            .filter(|s| s.state != SlotState::Starting)
-            .count()
+        self.slots.values().filter(|s| s.state != SlotState::Starting).count()
     }
 
     /// An idle child, taken out of the idle list (fair scheduling: only idle children get work).
@@ -194,15 +180,9 @@ impl Pool {
     }
 
     pub async fn send(&mut self, index: usize, bytes: &[u8]) -> Result<(), PoolError> {
-        let slot = self
-            .slots
-            .get_mut(&index)
-            .ok_or(PoolError::NotIdle(index))?;
+        let slot = self.slots.get_mut(&index).ok_or(PoolError::NotIdle(index))?;
         slot.state = SlotState::Busy;
-        slot.writer
-            .write_all(bytes)
-            .await
-            .map_err(|e| PoolError::Write(index, e))
+        slot.writer.write_all(bytes).await.map_err(|e| PoolError::Write(index, e))
     }
 
     pub fn len(&self) -> usize {
@@ -216,13 +196,10 @@ impl Pool {
         self.slots.clear();
     }
 
-    /// Terminate one child (SIGTERM), e.g. to cancel the task it runs.
-    pub fn terminate(&self, index: usize) {
+    /// Send a signal to one child: SIGUSR1 (soft time limit), SIGTERM (cancel), SIGKILL (hard).
+    pub fn signal(&self, index: usize, signal: nix::sys::signal::Signal) {
         if let Some(pid) = self.slots.get(&index).and_then(|s| s.pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
         }
     }
 
@@ -230,10 +207,7 @@ impl Pool {
     pub fn kill_all(&mut self) {
         for slot in self.slots.values() {
             if let Some(pid) = slot.pid {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
         self.close_all();

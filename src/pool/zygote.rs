@@ -27,15 +27,18 @@ pub struct ExitStatus {
     pub signal_name: Option<String>,
 }
 
+impl ExitStatus {
+    /// Exit code 0: a child that left on purpose (recycled, or told to stop).
+    pub fn is_clean(&self) -> bool {
+        self.signal.is_none() && self.exitcode == Some(0)
+    }
+}
+
 impl std::fmt::Display for ExitStatus {
     /// In billiard's words: `exitcode 0` or `signal 9 (SIGKILL)`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.signal, self.exitcode) {
-            (Some(sig), _) => write!(
-                f,
-                "signal {sig} ({})",
-                self.signal_name.as_deref().unwrap_or("?")
-            ),
+            (Some(sig), _) => write!(f, "signal {sig} ({})", self.signal_name.as_deref().unwrap_or("?")),
             (None, Some(code)) => write!(f, "exitcode {code}"),
             (None, None) => write!(f, "an unknown status"),
         }
@@ -94,28 +97,16 @@ pub fn start(options_json: String, python: PathBuf) -> Result<PendingZygote, Zyg
 
 impl PendingZygote {
     /// Wait for the app's configuration; then the zygote is ready to fork children.
-    pub async fn bootstrap(
-        self,
-        events: mpsc::UnboundedSender<PoolEvent>,
-    ) -> Result<(Zygote, Vec<u8>), ZygoteError> {
-        self.stream
-            .set_nonblocking(true)
-            .map_err(|e| ZygoteError::Start(e.to_string()))?;
-        let stream =
-            UnixStream::from_std(self.stream).map_err(|e| ZygoteError::Start(e.to_string()))?;
+    pub async fn bootstrap(self, events: mpsc::UnboundedSender<PoolEvent>) -> Result<(Zygote, Vec<u8>), ZygoteError> {
+        self.stream.set_nonblocking(true).map_err(|e| ZygoteError::Start(e.to_string()))?;
+        let stream = UnixStream::from_std(self.stream).map_err(|e| ZygoteError::Start(e.to_string()))?;
         let (mut reader, writer) = stream.into_split();
         let info = match frame::read(&mut reader).await {
             Ok(Some((Kind::Bootstrap, payload))) => payload,
             Ok(Some((Kind::Fatal, payload))) => {
-                return Err(ZygoteError::AppFailed(
-                    String::from_utf8_lossy(&payload).into_owned(),
-                ))
+                return Err(ZygoteError::AppFailed(String::from_utf8_lossy(&payload).into_owned()))
             }
-            Ok(Some((kind, _))) => {
-                return Err(ZygoteError::Protocol(format!(
-                    "unexpected {kind:?} before bootstrap"
-                )))
-            }
+            Ok(Some((kind, _))) => return Err(ZygoteError::Protocol(format!("unexpected {kind:?} before bootstrap"))),
             Ok(None) => return Err(ZygoteError::DiedEarly),
             Err(e) => return Err(ZygoteError::Protocol(e.to_string())),
         };
@@ -125,17 +116,12 @@ impl PendingZygote {
                     Ok(Some((Kind::Forked, payload))) => {
                         debug!("zygote forked {}", String::from_utf8_lossy(&payload))
                     }
-                    Ok(Some((Kind::Exited, payload))) => {
-                        match serde_json::from_slice::<ExitReport>(&payload) {
-                            Ok(r) => {
-                                let _ = events.send(PoolEvent::Exited {
-                                    pid: r.pid,
-                                    status: r.status,
-                                });
-                            }
-                            Err(e) => error!("zygote sent an unreadable exit report: {e}"),
+                    Ok(Some((Kind::Exited, payload))) => match serde_json::from_slice::<ExitReport>(&payload) {
+                        Ok(r) => {
+                            let _ = events.send(PoolEvent::Exited { pid: r.pid, status: r.status });
                         }
-                    }
+                        Err(e) => error!("zygote sent an unreadable exit report: {e}"),
+                    },
                     Ok(Some((kind, _))) => error!("zygote sent an unexpected {kind:?} frame"),
                     Ok(None) => break,
                     Err(e) => {
@@ -146,12 +132,7 @@ impl PendingZygote {
             }
             let _ = events.send(PoolEvent::ZygoteGone);
         });
-        Ok((
-            Zygote {
-                writer: Some(writer),
-            },
-            info,
-        ))
+        Ok((Zygote { writer: Some(writer) }, info))
     }
 }
 
@@ -162,10 +143,7 @@ pub struct Zygote {
 impl Zygote {
     /// Ask for a child that will talk over `theirs`; the fd travels with SCM_RIGHTS.
     pub async fn fork(&mut self, index: usize, theirs: &StdUnixStream) -> std::io::Result<()> {
-        let writer = self
-            .writer
-            .as_ref()
-            .ok_or_else(|| std::io::Error::other("zygote closed"))?;
+        let writer = self.writer.as_ref().ok_or_else(|| std::io::Error::other("zygote closed"))?;
         let bytes = frame::encode(Kind::Fork, format!("{{\"index\": {index}}}").as_bytes());
         let fds = [theirs.as_raw_fd()];
         let stream: &UnixStream = writer.as_ref();
@@ -183,11 +161,7 @@ impl Zygote {
             });
             match sent {
                 Ok(n) if n == bytes.len() => return Ok(()),
-                Ok(n) => {
-                    return Err(std::io::Error::other(format!(
-                        "short write to zygote ({n} bytes)"
-                    )))
-                }
+                Ok(n) => return Err(std::io::Error::other(format!("short write to zygote ({n} bytes)"))),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }

@@ -38,6 +38,8 @@ pub struct TaskMessage {
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub root_id: Option<String>,
+    /// The `timelimit` header, `[hard, soft]` in seconds (either may be null).
+    pub timelimit: (Option<f64>, Option<f64>),
 }
 
 impl TaskMessage {
@@ -59,9 +61,8 @@ impl TaskMessage {
             }
         };
         if let Some(task) = headers.get("task") {
-            let name = task.as_str().ok_or_else(|| {
-                MessageError::Invalid(format!("task name is not a string: {task}"))
-            })?;
+            let name =
+                task.as_str().ok_or_else(|| MessageError::Invalid(format!("task name is not a string: {task}")))?;
             return Self::from_fields(Protocol::V2, name, headers);
         }
         // Protocol v1: everything is in the body, which must be decoded here to find the name.
@@ -71,22 +72,14 @@ impl TaskMessage {
                 delivery.content_type
             )));
         }
-        let body: Value = serde_json::from_slice(&delivery.body)
-            .map_err(|e| MessageError::Decode(e.to_string()))?;
+        let body: Value = serde_json::from_slice(&delivery.body).map_err(|e| MessageError::Decode(e.to_string()))?;
         match body.as_object().and_then(|b| b.get("task").map(|t| (b, t))) {
             Some((fields, Value::String(name))) => Self::from_fields(Protocol::V1, name, fields),
-            _ => Err(MessageError::UnknownFormat(format!(
-                "body: {}",
-                truncate(&body.to_string(), 200)
-            ))),
+            _ => Err(MessageError::UnknownFormat(format!("body: {}", truncate(&body.to_string(), 200)))),
         }
     }
 
-    fn from_fields(
-        protocol: Protocol,
-        name: &str,
-        f: &Map<String, Value>,
-    ) -> Result<Self, MessageError> {
+    fn from_fields(protocol: Protocol, name: &str, f: &Map<String, Value>) -> Result<Self, MessageError> {
         let id = match f.get("id") {
             Some(Value::String(s)) => s.clone(),
             Some(other) if !other.is_null() => other.to_string(),
@@ -98,9 +91,7 @@ impl TaskMessage {
                 Some(Value::String(s)) => parse_iso8601(s)
                     .map(Some)
                     .ok_or_else(|| MessageError::Invalid(format!("invalid {key} value {s:?}"))),
-                Some(other) => Err(MessageError::Invalid(format!(
-                    "invalid {key} value {other}"
-                ))),
+                Some(other) => Err(MessageError::Invalid(format!("invalid {key} value {other}"))),
             }
         };
         let text = |key: &str| f.get(key).and_then(Value::as_str).map(str::to_owned);
@@ -112,7 +103,17 @@ impl TaskMessage {
             eta: when("eta")?,
             expires: when("expires")?,
             root_id: text("root_id"),
+            timelimit: timelimit(f.get("timelimit")),
         })
+    }
+}
+
+/// `[hard, soft]`; anything that is not a pair of numbers/nulls means no limit from the message.
+fn timelimit(v: Option<&Value>) -> (Option<f64>, Option<f64>) {
+    let positive = |v: &Value| v.as_f64().filter(|s| *s > 0.0 && s.is_finite());
+    match v.and_then(Value::as_array) {
+        Some(pair) if pair.len() == 2 => (positive(&pair[0]), positive(&pair[1])),
+        _ => (None, None),
     }
 }
 
@@ -192,12 +193,18 @@ mod tests {
     }
 
     #[test]
+    fn timelimit_is_hard_then_soft() {
+        let d = delivery(json!({"task": "a", "id": "1", "timelimit": [10, 5.5]}), b"[]", "application/json");
+        assert_eq!(TaskMessage::parse(&d).unwrap().timelimit, (Some(10.0), Some(5.5)));
+        for bad in [json!([null, null]), json!("10"), json!([1]), json!([1, 2, 3]), json!([-1, "x"])] {
+            let d = delivery(json!({"task": "a", "id": "1", "timelimit": bad}), b"[]", "application/json");
+            assert_eq!(TaskMessage::parse(&d).unwrap().timelimit, (None, None));
+        }
+    }
+
+    #[test]
     fn v1_from_body() {
-        let d = delivery(
-            json!({}),
-            br#"{"task": "a.add", "id": "9", "args": [1], "kwargs": {}}"#,
-            "application/json",
-        );
+        let d = delivery(json!({}), br#"{"task": "a.add", "id": "9", "args": [1], "kwargs": {}}"#, "application/json");
         let m = TaskMessage::parse(&d).unwrap();
         assert_eq!(m.protocol, Protocol::V1);
         assert_eq!(m.id, "9");
@@ -206,48 +213,22 @@ mod tests {
     #[test]
     fn bad_messages_map_to_stock_outcomes() {
         let d = delivery(json!([1, 2]), b"[]", "application/json");
-        assert!(matches!(
-            TaskMessage::parse(&d),
-            Err(MessageError::UnknownFormat(_))
-        ));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::UnknownFormat(_))));
         let d = delivery(json!({}), b"not json", "application/json");
-        assert!(matches!(
-            TaskMessage::parse(&d),
-            Err(MessageError::Decode(_))
-        ));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Decode(_))));
         let d = delivery(json!({}), b"[1, 2]", "application/json");
-        assert!(matches!(
-            TaskMessage::parse(&d),
-            Err(MessageError::UnknownFormat(_))
-        ));
-        let d = delivery(
-            json!({"task": "a", "id": "1", "eta": "soon"}),
-            b"[]",
-            "application/json",
-        );
-        assert!(matches!(
-            TaskMessage::parse(&d),
-            Err(MessageError::Invalid(_))
-        ));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::UnknownFormat(_))));
+        let d = delivery(json!({"task": "a", "id": "1", "eta": "soon"}), b"[]", "application/json");
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid(_))));
         let d = delivery(json!({"task": "a"}), b"[]", "application/json");
-        assert!(matches!(
-            TaskMessage::parse(&d),
-            Err(MessageError::Invalid(_))
-        ));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid(_))));
         let d = delivery(json!({"task": 5, "id": "1"}), b"[]", "application/json");
-        assert!(matches!(
-            TaskMessage::parse(&d),
-            Err(MessageError::Invalid(_))
-        ));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid(_))));
     }
 
     #[test]
     fn child_meta_carries_request_fields() {
-        let mut d = delivery(
-            json!({"task": "a.add", "id": "1"}),
-            b"[]",
-            "application/json",
-        );
+        let mut d = delivery(json!({"task": "a.add", "id": "1"}), b"[]", "application/json");
         d.properties.insert("reply_to".into(), json!("r"));
         d.properties.insert("priority".into(), json!(3));
         let m = TaskMessage::parse(&d).unwrap();

@@ -110,10 +110,7 @@ pub enum TransportError {
 /// out, so settling needs only the tag.
 pub trait Transport: Send + Sync + 'static {
     /// Declare queues and bindings so producers routing through exchanges reach them.
-    fn declare(
-        &self,
-        queues: &[QueueSpec],
-    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    fn declare(&self, queues: &[QueueSpec]) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Consume from `queues` until `stop` turns true. One permit of `window` is taken per
     /// delivery and given back when it is settled, which is what bounds the prefetch;
@@ -128,8 +125,7 @@ pub trait Transport: Send + Sync + 'static {
     ) -> tokio::task::JoinHandle<()>;
 
     /// Settle a batch of deliveries. Each settled delivery gives one permit back to `window`.
-    fn settle(&self, batch: Vec<Settle>)
-        -> impl Future<Output = Result<(), TransportError>> + Send;
+    fn settle(&self, batch: Vec<Settle>) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Give back every delivery still held (shutdown): to the front of its queue.
     fn restore_all(&self) -> impl Future<Output = Result<usize, TransportError>> + Send;

@@ -61,8 +61,7 @@ impl RedisOptions {
             unacked_index_key: text("unacked_index_key", "unacked_index"),
             unacked_mutex_key: text("unacked_mutex_key", "unacked_mutex"),
             unacked_mutex_expire: num("unacked_mutex_expire", 300.0) as u64,
-            restore_interval: num("unacked_restore_interval", 10.0)
-                * num("unacked_restore_throttle", 10.0),
+            restore_interval: num("unacked_restore_interval", 10.0) * num("unacked_restore_throttle", 10.0),
         }
     }
 }
@@ -91,10 +90,7 @@ fn to_client_url(url: &str) -> String {
 }
 
 fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// `Channel._q_for_pri`: priority step 0 is the bare queue name.
@@ -109,12 +105,7 @@ fn queue_for_priority(queue: &str, step: u8) -> String {
 /// `Channel.priority`: clamp to 0..9 and round down to a step.
 pub fn priority_step(priority: i64) -> u8 {
     let p = priority.clamp(0, 9) as u8;
-    PRIORITY_STEPS
-        .iter()
-        .copied()
-        .filter(|s| *s <= p)
-        .max()
-        .unwrap_or(0)
+    PRIORITY_STEPS.iter().copied().filter(|s| *s <= p).max().unwrap_or(0)
 }
 
 /// The key BRPOP returned, back to its queue name (strip the priority suffix).
@@ -129,11 +120,7 @@ fn queue_of_key(key: &str) -> &str {
 fn brpop_keys(prefix: &str, queues: &[String]) -> Vec<String> {
     PRIORITY_STEPS
         .iter()
-        .flat_map(|step| {
-            queues
-                .iter()
-                .map(move |q| format!("{prefix}{}", queue_for_priority(q, *step)))
-        })
+        .flat_map(|step| queues.iter().map(move |q| format!("{prefix}{}", queue_for_priority(q, *step))))
         .collect()
 }
 
@@ -155,35 +142,20 @@ pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError
         Some(Value::Object(p)) => p,
         _ => Map::new(),
     };
-    let body_encoding = properties
-        .get("body_encoding")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let body_encoding = properties.get("body_encoding").and_then(Value::as_str).unwrap_or("");
     let body = match env.remove("body") {
-        Some(Value::String(s)) if body_encoding == "base64" => {
-            base64::engine::general_purpose::STANDARD
-                .decode(s.as_bytes())
-                .map_err(|e| EnvelopeError::Body(format!("invalid base64: {e}")))?
-        }
+        Some(Value::String(s)) if body_encoding == "base64" => base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(|e| EnvelopeError::Body(format!("invalid base64: {e}")))?,
         Some(Value::String(s)) => s.into_bytes(),
         Some(Value::Null) | None => Vec::new(),
         Some(other) => other.to_string().into_bytes(),
     };
     let delivery_info = properties.get("delivery_info").and_then(Value::as_object);
-    let exchange = delivery_info
-        .and_then(|d| d.get("exchange"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    let routing_key = delivery_info
-        .and_then(|d| d.get("routing_key"))
-        .and_then(Value::as_str)
-        .unwrap_or(queue)
-        .to_owned();
-    let redelivered = delivery_info
-        .and_then(|d| d.get("redelivered"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let exchange = delivery_info.and_then(|d| d.get("exchange")).and_then(Value::as_str).unwrap_or("").to_owned();
+    let routing_key =
+        delivery_info.and_then(|d| d.get("routing_key")).and_then(Value::as_str).unwrap_or(queue).to_owned();
+    let redelivered = delivery_info.and_then(|d| d.get("redelivered")).and_then(Value::as_bool).unwrap_or(false);
     let tag = match properties.get("delivery_tag").and_then(Value::as_str) {
         Some(t) => t.to_owned(),
         None => {
@@ -192,9 +164,7 @@ pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError
             t
         }
     };
-    let text = |env: &Map<String, Value>, k: &str| {
-        env.get(k).and_then(Value::as_str).unwrap_or("").to_owned()
-    };
+    let text = |env: &Map<String, Value>, k: &str| env.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     Ok(Delivery {
         tag,
         exchange,
@@ -225,12 +195,7 @@ fn mark_redelivered(envelope: &str) -> String {
 }
 
 fn envelope_priority(envelope_props: &Map<String, Value>) -> u8 {
-    priority_step(
-        envelope_props
-            .get("priority")
-            .and_then(Value::as_i64)
-            .unwrap_or(0),
-    )
+    priority_step(envelope_props.get("priority").and_then(Value::as_i64).unwrap_or(0))
 }
 
 impl RedisTransport {
@@ -261,11 +226,8 @@ impl RedisTransport {
         d: &Delivery,
         raw: &str,
     ) -> Result<(), TransportError> {
-        let stored = format!(
-            "[{raw}, {}, {}]",
-            Value::String(d.exchange.clone()),
-            Value::String(d.routing_key.clone())
-        );
+        let stored =
+            format!("[{raw}, {}, {}]", Value::String(d.exchange.clone()), Value::String(d.routing_key.clone()));
         redis::pipe()
             .atomic()
             .zadd(self.key(&self.opts.unacked_index_key), &d.tag, now_secs())
@@ -277,12 +239,7 @@ impl RedisTransport {
         Ok(())
     }
 
-    async fn give_back(
-        &self,
-        tag: &str,
-        held: Held,
-        leftmost: bool,
-    ) -> Result<bool, TransportError> {
+    async fn give_back(&self, tag: &str, held: Held, leftmost: bool) -> Result<bool, TransportError> {
         let mut conn = self.conn.clone();
         let target = self.key(&queue_for_priority(&held.queue, held.priority));
         let moved: i64 = self
@@ -316,9 +273,7 @@ impl RedisTransport {
             return Ok(0);
         }
         let ceil = now_secs() - self.opts.visibility_timeout;
-        let stale: Vec<String> = conn
-            .zrangebyscore(self.key(&self.opts.unacked_index_key), "-inf", ceil)
-            .await?;
+        let stale: Vec<String> = conn.zrangebyscore(self.key(&self.opts.unacked_index_key), "-inf", ceil).await?;
         let mut restored = 0;
         for tag in stale {
             if self.held().contains_key(&tag) {
@@ -336,11 +291,12 @@ impl RedisTransport {
             }
         }
         // Release the mutex only if it is still ours (redis-py's Lock does the same).
-        let _: i64 = Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
-            .key(&mutex)
-            .arg(&token)
-            .invoke_async(&mut conn)
-            .await?;
+        let _: i64 =
+            Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+                .key(&mutex)
+                .arg(&token)
+                .invoke_async(&mut conn)
+                .await?;
         Ok(restored)
     }
 
@@ -378,16 +334,8 @@ fn parse_stored(stored: &str) -> Option<Held> {
     // Anonymous exchange: the routing key is the queue. Named exchanges route by their
     // binding table; the queue a Celery task message came from is its routing key's queue.
     let _ = exchange;
-    let props = envelope
-        .get("properties")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    Some(Held {
-        queue: routing_key.to_owned(),
-        priority: envelope_priority(&props),
-        envelope: envelope.to_string(),
-    })
+    let props = envelope.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
+    Some(Held { queue: routing_key.to_owned(), priority: envelope_priority(&props), envelope: envelope.to_string() })
 }
 
 impl Transport for RedisTransport {
@@ -396,20 +344,11 @@ impl Transport for RedisTransport {
         // without `x-expires`, so producers routing through the exchange reach the queue.
         let mut pipe = redis::pipe();
         for q in queues {
-            let exchange = if q.exchange.is_empty() {
-                q.name.clone()
-            } else {
-                q.exchange.clone()
-            };
+            let exchange = if q.exchange.is_empty() { q.name.clone() } else { q.exchange.clone() };
             let member = format!("{}{SEP}{SEP}{}", q.routing_key, q.name);
-            pipe.sadd(self.key(&format!("_kombu.binding.{exchange}")), &member)
-                .ignore();
+            pipe.sadd(self.key(&format!("_kombu.binding.{exchange}")), &member).ignore();
             if !q.queue_arguments.contains_key("x-expires") {
-                pipe.sadd(
-                    self.key(&format!("_kombu.binding_permanent.{exchange}")),
-                    &member,
-                )
-                .ignore();
+                pipe.sadd(self.key(&format!("_kombu.binding_permanent.{exchange}")), &member).ignore();
             }
         }
         let mut conn = self.conn.clone();
@@ -444,7 +383,10 @@ impl Transport for RedisTransport {
                             backoff = Duration::from_millis(100);
                         }
                         Err(e) => {
-                            error!("consumer: Cannot connect to redis: {e}. Trying again in {:.2} seconds...", backoff.as_secs_f64());
+                            error!(
+                                "consumer: Cannot connect to redis: {e}. Trying again in {:.2} seconds...",
+                                backoff.as_secs_f64()
+                            );
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(30));
                             continue;
@@ -468,10 +410,7 @@ impl Transport for RedisTransport {
                         continue;
                     }
                 };
-                let key = key
-                    .strip_prefix(&self.opts.global_keyprefix)
-                    .unwrap_or(&key)
-                    .to_owned();
+                let key = key.strip_prefix(&self.opts.global_keyprefix).unwrap_or(&key).to_owned();
                 let queue = queue_of_key(&key).to_owned();
                 // Round-robin: the queue just served goes to the back (`queue_order_strategy`).
                 if let Some(i) = names.iter().position(|n| *n == queue) {
@@ -491,29 +430,15 @@ impl Transport for RedisTransport {
                 };
                 if let Err(e) = self.record_unacked(c, &delivery, &raw).await {
                     // The message is in hand but unrecorded: put it back rather than lose it.
-                    error!(
-                        "Could not record delivery {} as unacked ({e}); putting it back",
-                        delivery.tag
-                    );
+                    error!("Could not record delivery {} as unacked ({e}); putting it back", delivery.tag);
                     let _: Result<(), _> = c.rpush(self.key(&key), &raw).await;
                     conn = None;
                     continue;
                 }
                 let priority = envelope_priority(&delivery.properties);
-                self.held().insert(
-                    delivery.tag.clone(),
-                    Held {
-                        queue: queue.clone(),
-                        priority,
-                        envelope: raw,
-                    },
-                );
+                self.held().insert(delivery.tag.clone(), Held { queue: queue.clone(), priority, envelope: raw });
                 permit.forget();
-                if deliveries
-                    .send(Incoming::Delivery(Box::new(delivery)))
-                    .await
-                    .is_err()
-                {
+                if deliveries.send(Incoming::Delivery(Box::new(delivery))).await.is_err() {
                     return;
                 }
             }
@@ -528,8 +453,7 @@ impl Transport for RedisTransport {
             match op {
                 Settle::Ack(tag) | Settle::Reject(tag) => {
                     self.held().remove(&tag);
-                    pipe.zrem(self.key(&self.opts.unacked_index_key), &tag)
-                        .ignore();
+                    pipe.zrem(self.key(&self.opts.unacked_index_key), &tag).ignore();
                     pipe.hdel(self.key(&self.opts.unacked_key), &tag).ignore();
                 }
                 Settle::Forget(tag) => {
@@ -563,8 +487,7 @@ impl Transport for RedisTransport {
 
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let refresh_every =
-                Duration::from_secs_f64((self.opts.visibility_timeout / 4.0).clamp(1.0, 300.0));
+            let refresh_every = Duration::from_secs_f64((self.opts.visibility_timeout / 4.0).clamp(1.0, 300.0));
             let sweep_every = Duration::from_secs_f64(self.opts.restore_interval.max(1.0));
             let mut refresh = tokio::time::interval(refresh_every);
             let mut sweep = tokio::time::interval(sweep_every);
@@ -631,11 +554,7 @@ mod tests {
     fn rejects_broken_envelopes() {
         assert!(decode_envelope("nope", "q").is_err());
         assert!(decode_envelope("[1]", "q").is_err());
-        assert!(decode_envelope(
-            r#"{"body": "!!", "properties": {"body_encoding": "base64"}}"#,
-            "q"
-        )
-        .is_err());
+        assert!(decode_envelope(r#"{"body": "!!", "properties": {"body_encoding": "base64"}}"#, "q").is_err());
     }
 
     #[test]

@@ -186,3 +186,49 @@ def procname(delay=0.0):
 
     time.sleep(delay)
     return multiprocessing.current_process().name
+
+
+@app.task
+def soft_limited(seconds, catch):
+    """Sleeps past its soft time limit; returns 'caught' if it handles SoftTimeLimitExceeded."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        if catch:
+            return "caught"
+        raise
+    return "not interrupted"
+
+
+@app.task(time_limit=1)
+def hard_limited_by_option(seconds):
+    time.sleep(seconds)
+    return "finished"
+
+
+@app.task
+def grow(megabytes):
+    """Keep memory allocated so the child's resident size grows."""
+    global _ballast
+    _ballast = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(_ballast), 4096):
+        _ballast[i] = 1
+    import multiprocessing
+
+    return multiprocessing.current_process().name
+
+
+@app.task
+def stubborn(seconds):
+    """Ignores its soft time limit and keeps going, so only the hard limit stops it."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            pass
+    return "finished"

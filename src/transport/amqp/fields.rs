@@ -22,12 +22,8 @@ pub fn to_json(v: &AMQPValue) -> Value {
             Number::from_f64(v).map_or(Value::Null, Value::Number)
         }
         AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
-        AMQPValue::LongString(s) => {
-            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
-        }
-        AMQPValue::ByteArray(b) => {
-            Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
-        }
+        AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ByteArray(b) => Value::String(String::from_utf8_lossy(b.as_slice()).into_owned()),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(to_json).collect()),
         AMQPValue::FieldTable(t) => Value::Object(table_to_json(t)),
         AMQPValue::Void => Value::Null,
@@ -35,10 +31,7 @@ pub fn to_json(v: &AMQPValue) -> Value {
 }
 
 pub fn table_to_json(t: &FieldTable) -> Map<String, Value> {
-    t.inner()
-        .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), to_json(v)))
-        .collect()
+    t.inner().iter().map(|(k, v)| (k.as_str().to_owned(), to_json(v))).collect()
 }
 
 /// JSON → AMQP the way py-amqp encodes Python values: ints as 32-bit when they fit.
@@ -55,9 +48,7 @@ pub fn from_json(v: &Value) -> AMQPValue {
             _ => AMQPValue::Void,
         },
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
-        Value::Array(a) => AMQPValue::FieldArray(FieldArray::from(
-            a.iter().map(from_json).collect::<Vec<_>>(),
-        )),
+        Value::Array(a) => AMQPValue::FieldArray(FieldArray::from(a.iter().map(from_json).collect::<Vec<_>>())),
         Value::Object(m) => AMQPValue::FieldTable(table_from_json(m)),
     }
 }

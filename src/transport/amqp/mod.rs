@@ -68,12 +68,7 @@ fn exchange_kind(kind: &str) -> ExchangeKind {
 
 /// Quorum queues cannot take a global QoS (`Tasks.qos_global`).
 fn uses_quorum(queues: &[QueueSpec]) -> bool {
-    queues.iter().any(|q| {
-        q.queue_arguments
-            .get("x-queue-type")
-            .and_then(Value::as_str)
-            == Some("quorum")
-    })
+    queues.iter().any(|q| q.queue_arguments.get("x-queue-type").and_then(Value::as_str) == Some("quorum"))
 }
 
 /// One `basic.ack(multiple=true)` can settle a batch when the acks cover the oldest held
@@ -81,11 +76,7 @@ fn uses_quorum(queues: &[QueueSpec]) -> bool {
 /// `not_acked` is every other tag still unsettled on the channel; one below an ack breaks the run.
 fn multiple_ack_cutoff(not_acked: impl Iterator<Item = u64>, acks: &BTreeSet<u64>) -> Option<u64> {
     let first_gap = not_acked.min();
-    let run: Vec<u64> = acks
-        .iter()
-        .copied()
-        .take_while(|t| first_gap.is_none_or(|g| *t < g))
-        .collect();
+    let run: Vec<u64> = acks.iter().copied().take_while(|t| first_gap.is_none_or(|g| *t < g)).collect();
     (run.len() >= 2).then(|| run[run.len() - 1])
 }
 
@@ -103,34 +94,16 @@ fn to_delivery(epoch: u64, d: lapin::message::Delivery) -> Delivery {
             props.insert(k.to_owned(), v);
         }
     };
-    put(
-        "correlation_id",
-        p.correlation_id().as_ref().map(|s| Value::from(s.as_str())),
-    );
-    put(
-        "reply_to",
-        p.reply_to().as_ref().map(|s| Value::from(s.as_str())),
-    );
+    put("correlation_id", p.correlation_id().as_ref().map(|s| Value::from(s.as_str())));
+    put("reply_to", p.reply_to().as_ref().map(|s| Value::from(s.as_str())));
     put("delivery_mode", p.delivery_mode().map(Value::from));
     put("priority", p.priority().map(Value::from));
-    put(
-        "expiration",
-        p.expiration().as_ref().map(|s| Value::from(s.as_str())),
-    );
-    put(
-        "message_id",
-        p.message_id().as_ref().map(|s| Value::from(s.as_str())),
-    );
+    put("expiration", p.expiration().as_ref().map(|s| Value::from(s.as_str())));
+    put("message_id", p.message_id().as_ref().map(|s| Value::from(s.as_str())));
     put("timestamp", p.timestamp().map(Value::from));
     put("type", p.kind().as_ref().map(|s| Value::from(s.as_str())));
-    put(
-        "user_id",
-        p.user_id().as_ref().map(|s| Value::from(s.as_str())),
-    );
-    put(
-        "app_id",
-        p.app_id().as_ref().map(|s| Value::from(s.as_str())),
-    );
+    put("user_id", p.user_id().as_ref().map(|s| Value::from(s.as_str())));
+    put("app_id", p.app_id().as_ref().map(|s| Value::from(s.as_str())));
     let exchange = d.exchange.as_str().to_owned();
     let routing_key = d.routing_key.as_str().to_owned();
     props.insert(
@@ -142,32 +115,16 @@ fn to_delivery(epoch: u64, d: lapin::message::Delivery) -> Delivery {
         exchange,
         routing_key,
         redelivered: d.redelivered,
-        content_type: p
-            .content_type()
-            .as_ref()
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default(),
-        content_encoding: p
-            .content_encoding()
-            .as_ref()
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default(),
-        headers: p
-            .headers()
-            .as_ref()
-            .map(|h| Value::Object(fields::table_to_json(h)))
-            .unwrap_or(Value::Null),
+        content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        content_encoding: p.content_encoding().as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        headers: p.headers().as_ref().map(|h| Value::Object(fields::table_to_json(h))).unwrap_or(Value::Null),
         properties: props,
         body: d.data,
     }
 }
 
 impl AmqpTransport {
-    pub async fn connect(
-        url: &str,
-        display: &str,
-        options: AmqpOptions,
-    ) -> Result<Self, TransportError> {
+    pub async fn connect(url: &str, display: &str, options: AmqpOptions) -> Result<Self, TransportError> {
         let uris: Vec<AMQPUri> = url
             .split(';')
             .filter(|u| !u.trim().is_empty())
@@ -199,11 +156,7 @@ impl AmqpTransport {
         let connection = Connection::connect_uri(uri, props).await?;
         let channel = connection.create_channel().await?;
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(Session {
-            epoch,
-            connection,
-            channel,
-        })
+        Ok(Session { epoch, connection, channel })
     }
 
     /// Reconnect with back-off until it works or `broker_connection_max_retries` runs out.
@@ -218,15 +171,8 @@ impl AmqpTransport {
                 Ok(s) => return Some(s),
                 Err(e) => {
                     attempt += 1;
-                    if self
-                        .options
-                        .max_retries
-                        .is_some_and(|max| attempt as u32 > max)
-                    {
-                        error!(
-                            "consumer: Cannot connect to {}: {e}. Giving up.",
-                            self.display
-                        );
+                    if self.options.max_retries.is_some_and(|max| attempt as u32 > max) {
+                        error!("consumer: Cannot connect to {}: {e}. Giving up.", self.display);
                         return None;
                     }
                     error!(
@@ -264,9 +210,7 @@ impl AmqpTransport {
                 auto_delete: q.auto_delete,
                 ..Default::default()
             };
-            channel
-                .queue_declare(&q.name, opts, fields::table_from_json(&q.queue_arguments))
-                .await?;
+            channel.queue_declare(&q.name, opts, fields::table_from_json(&q.queue_arguments)).await?;
             if !q.exchange.is_empty() {
                 channel
                     .queue_bind(
@@ -284,13 +228,9 @@ impl AmqpTransport {
 
     /// Stop the broker sending more (`basic.cancel`), so what we give back stays in the queue.
     async fn cancel_consumers(&self, channel: &Channel) {
-        let tags: Vec<String> =
-            std::mem::take(&mut *self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()));
+        let tags: Vec<String> = std::mem::take(&mut *self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()));
         for tag in tags {
-            if let Err(e) = channel
-                .basic_cancel(&tag, BasicCancelOptions::default())
-                .await
-            {
+            if let Err(e) = channel.basic_cancel(&tag, BasicCancelOptions::default()).await {
                 warn!("Could not cancel consumer {tag}: {e}");
             }
         }
@@ -315,17 +255,9 @@ impl AmqpTransport {
             let tag = format!("celeriac-{}-{}", std::process::id(), q.name);
             let mut consumer = session
                 .channel
-                .basic_consume(
-                    &q.name,
-                    &tag,
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
+                .basic_consume(&q.name, &tag, BasicConsumeOptions::default(), FieldTable::default())
                 .await?;
-            self.consumer_tags
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(tag);
+            self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()).push(tag);
             let merged = merged.clone();
             let queue = q.name.clone();
             tokio::spawn(async move {
@@ -335,11 +267,7 @@ impl AmqpTransport {
                     }
                 }
                 // The broker cancelled us (queue deleted) or the channel closed.
-                let _ = merged
-                    .send(Err(lapin::Error::InvalidChannelState(
-                        lapin::ChannelState::Closed,
-                    )))
-                    .await;
+                let _ = merged.send(Err(lapin::Error::InvalidChannelState(lapin::ChannelState::Closed))).await;
                 debug!("consumer for queue {queue} ended");
             });
         }
@@ -351,9 +279,7 @@ impl Transport for AmqpTransport {
     async fn declare(&self, queues: &[QueueSpec]) -> Result<(), TransportError> {
         *self.queues.lock().unwrap_or_else(|p| p.into_inner()) = queues.to_vec();
         let guard = self.session.lock().await;
-        let session = guard
-            .as_ref()
-            .ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
+        let session = guard.as_ref().ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
         Self::declare_on(&session.channel, queues).await?;
         Ok(())
     }
@@ -435,10 +361,7 @@ impl Transport for AmqpTransport {
                 }
                 // The broker requeues everything this connection held.
                 *self.session.lock().await = None;
-                self.consumer_tags
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
+                self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 self.held().retain(|(e, _)| *e != epoch);
                 if deliveries.send(Incoming::ConnectionLost).await.is_err() {
                     return;
@@ -497,44 +420,23 @@ impl Transport for AmqpTransport {
                 .chain(singles.iter().map(|(t, _)| *t))
                 .chain(forgotten.iter().copied());
             let cutoff = multiple_ack_cutoff(not_acked, &acks);
-            singles.extend(
-                acks.into_iter()
-                    .filter(|t| cutoff.is_none_or(|c| *t > c))
-                    .map(|t| (t, None)),
-            );
+            singles.extend(acks.into_iter().filter(|t| cutoff.is_none_or(|c| *t > c)).map(|t| (t, None)));
             (cutoff, singles)
         };
         if let Some(cutoff) = cutoff {
-            session
-                .channel
-                .basic_ack(cutoff, BasicAckOptions { multiple: true })
-                .await?;
+            session.channel.basic_ack(cutoff, BasicAckOptions { multiple: true }).await?;
         }
         for (tag, reject) in singles {
             match reject {
-                None => {
-                    session
-                        .channel
-                        .basic_ack(tag, BasicAckOptions::default())
-                        .await?
-                }
-                Some(requeue) => {
-                    session
-                        .channel
-                        .basic_reject(tag, BasicRejectOptions { requeue })
-                        .await?
-                }
+                None => session.channel.basic_ack(tag, BasicAckOptions::default()).await?,
+                Some(requeue) => session.channel.basic_reject(tag, BasicRejectOptions { requeue }).await?,
             }
         }
         Ok(())
     }
 
     async fn restore_all(&self) -> Result<usize, TransportError> {
-        let tags: Vec<Settle> = self
-            .held()
-            .iter()
-            .map(|(e, t)| Settle::Restore(format!("{e}.{t}")))
-            .collect();
+        let tags: Vec<Settle> = self.held().iter().map(|(e, t)| Settle::Restore(format!("{e}.{t}"))).collect();
         let n = tags.len();
         self.settle(tags).await?;
         if let Some(s) = self.session.lock().await.take() {

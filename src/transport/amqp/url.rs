@@ -45,40 +45,18 @@ pub fn parse(url: &str, heartbeat: Option<u16>, timeout_ms: Option<u64>) -> Opti
         },
         None => ("guest".to_owned(), "guest".to_owned()),
     };
-    let default_port = if scheme == AMQPScheme::AMQPS {
-        5671
-    } else {
-        5672
-    };
+    let default_port = if scheme == AMQPScheme::AMQPS { 5671 } else { 5672 };
     let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => {
-            (h.to_owned(), p.parse().unwrap_or(default_port))
-        }
+        Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_owned(), p.parse().unwrap_or(default_port)),
         _ => (hostport.to_owned(), default_port),
     };
-    let host = if host.is_empty() {
-        "localhost".to_owned()
-    } else {
-        host
-    };
-    let vhost = if path.is_empty() {
-        "/".to_owned()
-    } else {
-        percent_decode(path)
-    };
+    let host = if host.is_empty() { "localhost".to_owned() } else { host };
+    let vhost = if path.is_empty() { "/".to_owned() } else { percent_decode(path) };
     Some(AMQPUri {
         scheme,
-        authority: AMQPAuthority {
-            userinfo: AMQPUserInfo { username, password },
-            host,
-            port,
-        },
+        authority: AMQPAuthority { userinfo: AMQPUserInfo { username, password }, host, port },
         vhost,
-        query: AMQPQueryString {
-            heartbeat,
-            connection_timeout: timeout_ms,
-            ..Default::default()
-        },
+        query: AMQPQueryString { heartbeat, connection_timeout: timeout_ms, ..Default::default() },
     })
 }
 
@@ -89,23 +67,13 @@ mod tests {
     #[test]
     fn kombu_forms() {
         let u = parse("amqp://guest:guest@127.0.0.1:5672//", None, None).unwrap();
-        assert_eq!(
-            (
-                u.authority.host.as_str(),
-                u.authority.port,
-                u.vhost.as_str()
-            ),
-            ("127.0.0.1", 5672, "/")
-        );
+        assert_eq!((u.authority.host.as_str(), u.authority.port, u.vhost.as_str()), ("127.0.0.1", 5672, "/"));
         let u = parse("pyamqp://user:p%40ss@rabbit/myvhost", Some(30), Some(4000)).unwrap();
         assert_eq!(u.authority.userinfo.password, "p@ss");
         assert_eq!(u.vhost, "myvhost");
         assert_eq!(u.query.heartbeat, Some(30));
         let u = parse("amqps://h", None, None).unwrap();
-        assert_eq!(
-            (u.scheme, u.authority.port, u.vhost.as_str()),
-            (AMQPScheme::AMQPS, 5671, "/")
-        );
+        assert_eq!((u.scheme, u.authority.port, u.vhost.as_str()), (AMQPScheme::AMQPS, 5671, "/"));
         let u = parse("amqp://localhost:5672/", None, None).unwrap();
         assert_eq!(u.vhost, "/");
         assert!(parse("redis://x", None, None).is_none());
