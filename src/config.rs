@@ -40,6 +40,8 @@ pub struct AppConf {
     pub broker_connection_max_retries: Option<u32>,
     #[serde(default)]
     pub worker_cancel_long_running_tasks_on_connection_loss: bool,
+    #[serde(default)]
+    pub worker_disable_rate_limits: bool,
 }
 
 /// The per-task options the supervisor acts on (`celery/app/task.py`, resolved from config).
@@ -53,6 +55,8 @@ pub struct TaskOptions {
     #[serde(default)]
     pub reject_on_worker_lost: bool,
     pub acks_on_timeout: Option<bool>,
+    #[serde(default)]
+    pub rate_limit: Option<Value>,
     pub time_limit: Option<f64>,
     pub soft_time_limit: Option<f64>,
 }
@@ -65,6 +69,11 @@ impl TaskOptions {
     /// `task_acks_on_failure` (5.7) overrides the combined `acks_on_failure_or_timeout`.
     pub fn acks_on_failure(&self) -> bool {
         self.acks_on_failure.unwrap_or(self.acks_on_failure_or_timeout)
+    }
+
+    /// The task's `rate_limit` in tasks per second, if it has one.
+    pub fn rate_per_second(&self) -> Option<f64> {
+        self.rate_limit.as_ref().and_then(crate::consumer::parse_rate)
     }
 
     /// `task_acks_on_timeout` (5.7) likewise.
@@ -87,6 +96,8 @@ pub struct WorkerSettings {
     /// the task sets one.
     pub time_limit: Option<f64>,
     pub soft_time_limit: Option<f64>,
+    /// `worker_disable_rate_limits`.
+    pub disable_rate_limits: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +150,7 @@ impl WorkerSettings {
             cancel_long_running_on_connection_loss: app.conf.worker_cancel_long_running_tasks_on_connection_loss,
             time_limit: worker.time_limit.filter(|t| *t > 0.0),
             soft_time_limit: worker.soft_time_limit.filter(|t| *t > 0.0),
+            disable_rate_limits: app.conf.worker_disable_rate_limits,
         })
     }
 

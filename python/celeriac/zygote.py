@@ -172,6 +172,7 @@ def bootstrap_info(app, hostname, options):
             "broker_heartbeat": conf.broker_heartbeat,
             "broker_connection_timeout": conf.broker_connection_timeout,
             "broker_connection_max_retries": conf.broker_connection_max_retries,
+            "worker_disable_rate_limits": bool(conf.worker_disable_rate_limits),
             "worker_cancel_long_running_tasks_on_connection_loss": bool(
                 conf.worker_cancel_long_running_tasks_on_connection_loss),
             "task_default_queue": conf.task_default_queue,

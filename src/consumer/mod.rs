@@ -4,6 +4,7 @@
 
 pub mod acker;
 pub mod eta;
+mod rate_limit;
 mod request;
 
 use std::collections::{HashMap, VecDeque};
@@ -22,6 +23,8 @@ use crate::protocol::{ChildMeta, MessageError, TaskMessage};
 use crate::transport::{Delivery, Incoming, Settle};
 use acker::SettleOp;
 use eta::EtaQueue;
+pub use rate_limit::parse_rate;
+use rate_limit::RateLimits;
 pub use request::{Job, Request};
 
 /// A pool child that keeps dying before it is ready this many times in a row stops the worker.
@@ -40,6 +43,7 @@ pub struct Consumer {
     /// Requests (and outcome records) waiting for an idle child, in arrival order.
     ready: VecDeque<Job>,
     eta: EtaQueue<Request>,
+    rate_limits: RateLimits<Request>,
     /// The job each busy child is running.
     active: HashMap<usize, Job>,
     /// Jobs of children whose socket closed, waiting for the zygote's exit report.
@@ -75,6 +79,7 @@ impl Consumer {
             prefetch: ch.prefetch,
             ready: VecDeque::new(),
             eta: EtaQueue::default(),
+            rate_limits: RateLimits::default(),
             active: HashMap::new(),
             lost: HashMap::new(),
             exits: HashMap::new(),
@@ -103,6 +108,13 @@ impl Consumer {
                     None => std::future::pending().await,
                 }
             };
+            let next_rate_wake = self.rate_limits.next_wake();
+            let rate_sleep = async {
+                match next_rate_wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let next_limit = self.next_time_limit();
             let limit_sleep = async {
                 match next_limit {
@@ -123,6 +135,7 @@ impl Consumer {
                 Some(stop) = signals.recv() => self.begin_stop(stop),
                 _ = eta_sleep => self.release_due(),
                 _ = limit_sleep => self.enforce_time_limits(),
+                _ = rate_sleep => self.release_rate_limited(),
             }
             self.dispatch().await;
             match self.stopping {
@@ -164,7 +177,7 @@ impl Consumer {
         }
         match request.message.eta {
             Some(due) if due > Utc::now() => self.hold_until_eta(due, request),
-            _ => self.ready.push_back(Job::Task(Box::new(request))),
+            _ => self.make_ready(request),
         }
     }
 
@@ -183,6 +196,27 @@ impl Consumer {
             self.prefetch.send_modify(|p| *p = p.saturating_sub(due.len()));
         }
         for request in due {
+            self.make_ready(request);
+        }
+    }
+
+    /// A request that may run now, unless its task's rate limit makes it wait.
+    fn make_ready(&mut self, request: Request) {
+        let rate = if self.settings.disable_rate_limits { None } else { request.options.rate_per_second() };
+        let admitted = match rate {
+            Some(rate) => {
+                let name = request.message.name.clone();
+                self.rate_limits.admit(&name, rate, request, tokio::time::Instant::now())
+            }
+            None => Some(request),
+        };
+        if let Some(request) = admitted {
+            self.ready.push_back(Job::Task(Box::new(request)));
+        }
+    }
+
+    fn release_rate_limited(&mut self) {
+        for request in self.rate_limits.release(tokio::time::Instant::now()) {
             self.ready.push_back(Job::Task(Box::new(request)));
         }
     }
@@ -205,6 +239,11 @@ impl Consumer {
         self.prefetch.send_modify(|p| *p = p.saturating_sub(held.len()));
         for r in held {
             self.settle(Settle::Forget(r.delivery.tag), false);
+            dropped += 1;
+        }
+        for r in self.rate_limits.drain() {
+            let frees = !r.eta_bumped;
+            self.settle(Settle::Forget(r.delivery.tag), frees);
             dropped += 1;
         }
         if dropped > 0 {
@@ -585,6 +624,11 @@ impl Consumer {
         }
         for r in self.eta.drain() {
             self.settle(Settle::Restore(r.delivery.tag), false);
+            n += 1;
+        }
+        for r in self.rate_limits.drain() {
+            let frees = !r.eta_bumped;
+            self.settle(Settle::Restore(r.delivery.tag), frees);
             n += 1;
         }
         while let Ok(incoming) = self.deliveries.try_recv() {

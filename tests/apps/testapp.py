@@ -14,6 +14,7 @@ app.conf.update(
     task_acks_late=os.environ.get("TESTAPP_ACKS_LATE") == "1",
     worker_prefetch_multiplier=int(os.environ.get("TESTAPP_PREFETCH_MULTIPLIER", "4")),
     worker_cancel_long_running_tasks_on_connection_loss=os.environ.get("TESTAPP_CANCEL_ON_LOSS") == "1",
+    worker_disable_rate_limits=os.environ.get("TESTAPP_DISABLE_RATE_LIMITS") == "1",
 )
 if os.environ.get("TESTAPP_TRANSPORT_OPTIONS"):
     import json
@@ -232,3 +233,39 @@ def stubborn(seconds):
         except SoftTimeLimitExceeded:
             pass
     return "finished"
+
+
+@app.task(rate_limit="4/s")
+def limited(i):
+    return time.time()
+
+
+@app.task(bind=True, autoretry_for=(KeyError,), retry_kwargs={"countdown": 0.1, "max_retries": 5})
+def autoretried(self, key):
+    if _redis().incr(key) < 3:
+        raise KeyError("not yet")
+    return self.request.retries
+
+
+@app.task(bind=True, max_retries=2, default_retry_delay=0.1)
+def always_retries(self):
+    raise self.retry()
+
+
+@app.task(bind=True)
+def slow_retry(self, key):
+    if _redis().incr(key) == 1:
+        raise self.retry(countdown=1.5)
+    return "done"
+
+
+@app.task
+def exit_hard(code):
+    os._exit(code)
+
+
+@app.task
+def segfault():
+    import ctypes
+
+    ctypes.string_at(0)
