@@ -23,6 +23,10 @@ pub struct AppInfo {
     pub result_backend: Option<String>,
     pub queues: Vec<QueueSpec>,
     pub tasks: HashMap<String, TaskOptions>,
+    #[serde(default)]
+    pub conf_table: Value,
+    #[serde(default)]
+    pub broker_info: Value,
     pub conf: AppConf,
 }
 
@@ -42,6 +46,14 @@ pub struct AppConf {
     pub worker_cancel_long_running_tasks_on_connection_loss: bool,
     #[serde(default)]
     pub worker_disable_rate_limits: bool,
+    #[serde(default = "control_exchange")]
+    pub control_exchange: String,
+    pub control_queue_expires: Option<f64>,
+    pub control_queue_ttl: Option<f64>,
+    #[serde(default)]
+    pub control_queue_exclusive: bool,
+    #[serde(default)]
+    pub control_queue_durable: bool,
 }
 
 /// The per-task options the supervisor acts on (`celery/app/task.py`, resolved from config).
@@ -59,6 +71,10 @@ pub struct TaskOptions {
     pub rate_limit: Option<Value>,
     pub time_limit: Option<f64>,
     pub soft_time_limit: Option<f64>,
+}
+
+fn control_exchange() -> String {
+    "celery".into()
 }
 
 fn yes() -> bool {
@@ -164,6 +180,21 @@ impl WorkerSettings {
         content_type == "application/data"
             || content_type == "application/text"
             || self.accept_content.iter().any(|a| a == content_type)
+    }
+}
+
+impl AppInfo {
+    /// The worker's pidbox, from the `control_*` settings.
+    pub fn mailbox(&self) -> crate::transport::Mailbox {
+        let ms = |s: Option<f64>| s.filter(|s| *s > 0.0).map(|s| (s * 1000.0) as u64);
+        crate::transport::Mailbox {
+            node: self.hostname.clone(),
+            namespace: self.conf.control_exchange.clone(),
+            queue_expires_ms: ms(self.conf.control_queue_expires),
+            queue_ttl_ms: ms(self.conf.control_queue_ttl),
+            exclusive: self.conf.control_queue_exclusive,
+            durable: self.conf.control_queue_durable,
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod consumer;
+mod control;
 mod embed;
 mod ops;
 mod pool;

@@ -193,10 +193,18 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let (prefetch_tx, prefetch_rx) = watch::channel(prefetch);
     let consuming =
         transport.clone().consume(settings.queues.clone(), window.clone(), prefetch_rx, delivery_tx, stop_rx.clone());
-    let maintenance = transport.clone().maintain(stop_rx);
+    let maintenance = transport.clone().maintain(stop_rx.clone());
+    let (control_tx, control_rx) = mpsc::channel(256);
+    let mailbox = transport.clone().pidbox(app.mailbox(), control_tx, stop_rx);
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+    let replier = tokio::spawn(send_replies(transport.clone(), reply_rx));
     let acking = tokio::spawn(acker::run(transport.clone(), settle_rx, window.clone()));
     let pool = Pool::new(zygote, pool_tx);
     let channels = Channels {
+        control: control_rx,
+        replies: reply_tx,
+        app_conf: app.conf_table.clone(),
+        broker_info: app.broker_info.clone(),
         pool_events: pool_rx,
         deliveries: delivery_rx,
         prefetch: prefetch_tx,
@@ -209,6 +217,8 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     // The consumer dropped its settle sender: the acker drains what is left and ends.
     let _ = consuming.await;
     maintenance.abort();
+    mailbox.abort();
+    replier.abort();
     if tokio::time::timeout(Duration::from_secs(10), acking).await.is_err() {
         error!("Timed out acknowledging the last messages; they will be redelivered");
     }
@@ -218,4 +228,13 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         Err(e) => error!("Could not restore held messages at shutdown: {e}"),
     }
     code
+}
+
+/// Publish pidbox replies as the consumer produces them, off its loop.
+async fn send_replies<T: Transport>(transport: Arc<T>, mut replies: mpsc::UnboundedReceiver<crate::consumer::Reply>) {
+    while let Some((to, ticket, clock, body)) = replies.recv().await {
+        if let Err(e) = transport.reply(&to, &ticket, clock, &body).await {
+            warn!("Could not send a remote-control reply to {}: {e}", to.routing_key);
+        }
+    }
 }

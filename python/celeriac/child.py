@@ -170,8 +170,10 @@ class Child:
         try:
             if reason == "unregistered":
                 self._record_unregistered(job)
-            elif reason == "expired":
-                self._record_expired(job)
+            elif reason == "revoked":
+                self._record_revoked(job)
+            elif reason == "revoke_ids":
+                self._revoke_ids(job)
             elif reason == "worker_lost":
                 self._record_worker_lost(job)
             elif reason == "cancelled":
@@ -204,15 +206,34 @@ class Child:
         )
         self.app.backend.mark_as_failure(job["id"], cexc.NotRegistered(job["name"]), request=request)
 
-    def _record_expired(self, job):
-        # celery/worker/request.py: Request._announce_revoked
+    def _record_revoked(self, job):
+        # celery/worker/request.py: Request._announce_revoked ('expired', 'revoked', 'terminated')
         from celery import signals
 
+        why = job.get("why", "revoked")
         task = self.app.tasks.get(job["name"])
         context = self._context(job)
         backend = task.backend if task is not None else self.app.backend
-        backend.mark_as_revoked(job["id"], "expired", request=context)
-        signals.task_revoked.send(sender=task, request=context, terminated=False, signum=None, expired=True)
+        backend.mark_as_revoked(job["id"], why, request=context)
+        signals.task_revoked.send(sender=task, request=context, terminated=why == "terminated",
+                                  signum=job.get("signum"), expired=why == "expired")
+
+    def _revoke_ids(self, job):
+        # celery/worker/control.py: _revoke, for ids not running here (5.7 semantics)
+        from celery import states
+
+        for task_id, name in job.get("ids", {}).items():
+            task = self.app.tasks.get(name) if name else None
+            backend = task.backend if task is not None else self.app.backend
+            try:
+                state = backend.get_state(task_id)
+                if state in states.READY_STATES:
+                    continue
+                if state not in (states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED):
+                    continue
+                backend.mark_as_revoked(task_id, reason="revoked", store_result=True)
+            except Exception as exc:
+                logger.warning("Failed to mark task %s as revoked in backend: %s", task_id, exc)
 
     def _record_time_limit(self, job):
         # celery/worker/request.py: Request.on_timeout(soft=False)

@@ -161,6 +161,9 @@ def bootstrap_info(app, hostname, options):
         "transport": conn.transport_cls if isinstance(conn.transport_cls, str) else str(conn.transport_cls),
         "result_backend": backend_uri,
         "queues": _queues(app, options),
+        # `celery inspect conf` and `stats.broker`, answered by the supervisor.
+        "conf_table": _json_safe(conf.table(with_defaults=False, censored=True)),
+        "broker_info": _json_safe(conn.info()),
         "tasks": _task_options(app),
         "conf": {
             "worker_concurrency": conf.worker_concurrency,
@@ -173,6 +176,11 @@ def bootstrap_info(app, hostname, options):
             "broker_connection_timeout": conf.broker_connection_timeout,
             "broker_connection_max_retries": conf.broker_connection_max_retries,
             "worker_disable_rate_limits": bool(conf.worker_disable_rate_limits),
+            "control_exchange": conf.control_exchange,
+            "control_queue_expires": conf.control_queue_expires,
+            "control_queue_ttl": conf.control_queue_ttl,
+            "control_queue_exclusive": bool(conf.control_queue_exclusive),
+            "control_queue_durable": bool(conf.control_queue_durable),
             "worker_cancel_long_running_tasks_on_connection_loss": bool(
                 conf.worker_cancel_long_running_tasks_on_connection_loss),
             "task_default_queue": conf.task_default_queue,

@@ -45,6 +45,13 @@ impl<T> EtaQueue<T> {
         out
     }
 
+    /// Every waiting item with its due time, earliest first.
+    pub fn iter(&self) -> impl Iterator<Item = (DateTime<Utc>, &T)> {
+        let mut keys: Vec<(DateTime<Utc>, u64)> = self.heap.iter().map(|Reverse(k)| *k).collect();
+        keys.sort();
+        keys.into_iter().filter_map(move |(due, seq)| self.items.get(&seq).map(|t| (due, t)))
+    }
+
     /// Take everything (shutdown).
     pub fn drain(&mut self) -> Vec<T> {
         self.heap.clear();

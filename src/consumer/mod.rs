@@ -5,6 +5,7 @@
 pub mod acker;
 pub mod eta;
 mod rate_limit;
+mod remote_control;
 mod request;
 
 use std::collections::{HashMap, VecDeque};
@@ -16,11 +17,13 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{TaskOptions, WorkerSettings};
+use crate::control::revoked::RevokedSet;
+use crate::control::{ControlRequest, ReplyTo};
 use crate::ops::signals::Stop;
 use crate::pool::frame::{self, Kind};
 use crate::pool::{DoneReport, ExitStatus, Pool, PoolEvent};
 use crate::protocol::{ChildMeta, MessageError, TaskMessage};
-use crate::transport::{Delivery, Incoming, Settle};
+use crate::transport::{ControlEvent, Delivery, Incoming, Settle};
 use acker::SettleOp;
 use eta::EtaQueue;
 pub use rate_limit::parse_rate;
@@ -50,12 +53,32 @@ pub struct Consumer {
     lost: HashMap<i32, (usize, Job)>,
     /// Exit reports that arrived before the child's socket closed.
     exits: HashMap<i32, ExitStatus>,
+    /// Remote control: requests from the pidbox, replies to the replier task.
+    control: mpsc::Receiver<ControlEvent>,
+    mailbox_listening: bool,
+    replies: mpsc::UnboundedSender<Reply>,
+    revoked: RevokedSet,
+    /// Lamport clock shared with other nodes through pidbox messages.
+    clock: u64,
+    started: std::time::Instant,
+    /// Tasks started, by name (`inspect stats` → `total`).
+    totals: HashMap<String, u64>,
+    /// `inspect conf` and `stats.broker`, as the zygote reported them.
+    app_conf: serde_json::Value,
+    broker_info: serde_json::Value,
     startup_failures: u32,
     announced_ready: bool,
     stopping: Option<Stop>,
 }
 
+/// A pidbox reply: where, ticket, clock, body.
+pub type Reply = (ReplyTo, String, u64, serde_json::Value);
+
 pub struct Channels {
+    pub control: mpsc::Receiver<ControlEvent>,
+    pub replies: mpsc::UnboundedSender<Reply>,
+    pub app_conf: serde_json::Value,
+    pub broker_info: serde_json::Value,
     pub pool_events: mpsc::UnboundedReceiver<PoolEvent>,
     pub deliveries: mpsc::Receiver<Incoming>,
     /// The prefetch count brokers that enforce it should apply (raised per waiting ETA task).
@@ -83,6 +106,15 @@ impl Consumer {
             active: HashMap::new(),
             lost: HashMap::new(),
             exits: HashMap::new(),
+            control: ch.control,
+            mailbox_listening: false,
+            replies: ch.replies,
+            revoked: RevokedSet::from_env(),
+            clock: 0,
+            started: std::time::Instant::now(),
+            totals: HashMap::new(),
+            app_conf: ch.app_conf,
+            broker_info: ch.broker_info,
             startup_failures: 0,
             announced_ready: false,
             stopping: None,
@@ -133,6 +165,16 @@ impl Consumer {
                     }
                 }
                 Some(stop) = signals.recv() => self.begin_stop(stop),
+                Some(event) = self.control.recv() => match event {
+                    ControlEvent::Listening => {
+                        self.mailbox_listening = true;
+                        self.maybe_announce_ready();
+                    }
+                    ControlEvent::Request(body, clock) => match ControlRequest::parse(&body, clock) {
+                        Some(request) => self.on_control(request),
+                        None => warn!("pidbox: not a control request, ignored: {body}"),
+                    },
+                },
                 _ = eta_sleep => self.release_due(),
                 _ = limit_sleep => self.enforce_time_limits(),
                 _ = rate_sleep => self.release_rate_limited(),
@@ -172,8 +214,8 @@ impl Consumer {
         }
         info!("Task {}[{}] received", message.display_name(), message.id);
         let request = Request::new(delivery, message, options);
-        if request.is_expired() {
-            return self.discard_expired(request);
+        if let Some(why) = self.revoked_reason(&request) {
+            return self.discard_revoked(request, why);
         }
         match request.message.eta {
             Some(due) if due > Utc::now() => self.hold_until_eta(due, request),
@@ -336,16 +378,48 @@ impl Consumer {
     }
 
     /// `Request.revoked` for an expired request: stored REVOKED, acked, never run.
-    fn discard_expired(&mut self, request: Request) {
+    /// `Request.revoked`: expired or revoked requests are acked, stored REVOKED, never run.
+    fn discard_revoked(&mut self, request: Request, why: &str) {
         info!("Discarding revoked task: {}[{}]", request.message.display_name(), request.message.id);
         let record = json!({
-            "reason": "expired",
+            "reason": "revoked",
+            "why": why,
             "id": request.message.id,
             "name": request.message.name,
             "meta": request.child_meta_value(&self.settings.hostname),
         });
         self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
         self.ready.push_back(Job::Record(record));
+    }
+
+    /// "<node> ready." once every child is up and the mailbox listens (stock's consumer
+    /// starts its pidbox before it reports ready).
+    fn maybe_announce_ready(&mut self) {
+        if !self.announced_ready && self.mailbox_listening && self.pool.ready_count() >= self.settings.concurrency {
+            self.announced_ready = true;
+            info!("{} ready.", self.settings.hostname);
+        }
+    }
+
+    /// Every request this worker holds: running, ready, rate limited, waiting for an ETA.
+    fn held_requests(&self) -> impl Iterator<Item = &Request> {
+        self.active
+            .values()
+            .chain(self.ready.iter())
+            .filter_map(Job::task)
+            .chain(self.rate_limits.iter())
+            .chain(self.eta.iter().map(|(_, r)| r))
+    }
+
+    /// Checked at receipt and again right before a request starts (`Request.revoked`).
+    fn revoked_reason(&self, request: &Request) -> Option<&'static str> {
+        if request.is_expired() {
+            Some("expired")
+        } else if self.revoked.contains(&request.message.id) {
+            Some("revoked")
+        } else {
+            None
+        }
     }
 
     /// Hand waiting jobs to idle children, oldest first.
@@ -360,10 +434,10 @@ impl Consumer {
             };
             let bytes = match &mut job {
                 Job::Task(request) => {
-                    if request.is_expired() {
+                    if let Some(why) = self.revoked_reason(request) {
                         self.pool.put_back_idle(index);
                         if let Job::Task(request) = job {
-                            self.discard_expired(*request);
+                            self.discard_revoked(*request, why);
                         }
                         continue;
                     }
@@ -385,6 +459,7 @@ impl Consumer {
             }
             if let Job::Task(request) = &mut job {
                 request.start_clocks(self.settings.time_limit, self.settings.soft_time_limit);
+                *self.totals.entry(request.message.name.clone()).or_default() += 1;
                 // Early ack: the child is idle, so it starts the task now (`Request.on_accepted`).
                 if !request.options.acks_late {
                     self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
@@ -400,10 +475,7 @@ impl Consumer {
                 debug!("ForkPoolWorker-{index} (pid {pid}) ready");
                 self.startup_failures = 0;
                 self.pool.on_ready(index, pid);
-                if !self.announced_ready && self.pool.ready_count() >= self.settings.concurrency {
-                    self.announced_ready = true;
-                    info!("{} ready.", self.settings.hostname);
-                }
+                self.maybe_announce_ready();
             }
             PoolEvent::Done { index, report } => {
                 self.pool.on_done(index, report.exiting);
@@ -493,6 +565,20 @@ impl Consumer {
             Job::Record(record) => self.ready.push_back(Job::Record(record)),
             Job::Task(request) if request.timed_out => {
                 debug!("task {} was killed for its hard time limit", request.message.id);
+            }
+            Job::Task(request) if request.terminated.is_some() => {
+                // revoke(terminate=True): REVOKED 'terminated', acked (`Request._announce_revoked`).
+                if request.options.acks_late {
+                    self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
+                }
+                self.ready.push_back(Job::Record(json!({
+                    "reason": "revoked",
+                    "why": "terminated",
+                    "signum": request.terminated,
+                    "id": request.message.id,
+                    "name": request.message.name,
+                    "meta": request.child_meta_value(&self.settings.hostname),
+                })));
             }
             Job::Task(request) if request.cancelled => {
                 debug!("cancelled task {} ended with its child", request.message.id);

@@ -111,6 +111,11 @@ impl<T> RateLimits<T> {
         out
     }
 
+    /// Every waiting item.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.buckets.values().flat_map(|(_, waiting, _)| waiting.iter())
+    }
+
     /// Everything still waiting (shutdown, connection loss).
     pub fn drain(&mut self) -> Vec<T> {
         self.buckets

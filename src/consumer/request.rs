@@ -23,6 +23,10 @@ pub struct Request {
     pub hard_deadline: Option<tokio::time::Instant>,
     /// Killed for exceeding its hard time limit: already recorded and settled.
     pub timed_out: bool,
+    /// Terminated by `revoke(terminate=True)` with this signal number.
+    pub terminated: Option<i32>,
+    /// When it started in a child (epoch seconds), for `inspect active`.
+    pub time_start: Option<f64>,
 }
 
 impl Request {
@@ -37,6 +41,8 @@ impl Request {
             soft_deadline: None,
             hard_deadline: None,
             timed_out: false,
+            terminated: None,
+            time_start: None,
         }
     }
 
@@ -49,6 +55,7 @@ impl Request {
 
     /// Start the time-limit clocks: the task starts now.
     pub fn start_clocks(&mut self, worker_hard: Option<f64>, worker_soft: Option<f64>) {
+        self.time_start = Some(chrono::Utc::now().timestamp_micros() as f64 / 1e6);
         let now = tokio::time::Instant::now();
         let (hard, soft) = self.time_limits(worker_hard, worker_soft);
         let at = |s: f64| now + std::time::Duration::from_secs_f64(s);
@@ -63,6 +70,27 @@ impl Request {
     /// The request description as JSON, for outcome records a child stores for us.
     pub fn child_meta_value(&self, hostname: &str) -> Value {
         serde_json::from_slice(&ChildMeta::encode(&self.delivery, &self.message, hostname)).unwrap_or(Value::Null)
+    }
+
+    /// `Request.info()`, what `inspect active/reserved/scheduled` show.
+    pub fn info(&self, hostname: &str, worker_pid: Option<i32>) -> Value {
+        serde_json::json!({
+            "id": self.message.id,
+            "name": self.message.display_name(),
+            "args": self.message.argsrepr,
+            "kwargs": self.message.kwargsrepr,
+            "type": self.message.name,
+            "hostname": hostname,
+            "time_start": self.time_start,
+            "acknowledged": !self.options.acks_late && self.time_start.is_some(),
+            "delivery_info": {
+                "exchange": self.delivery.exchange,
+                "routing_key": self.delivery.routing_key,
+                "priority": self.delivery.properties.get("priority"),
+                "redelivered": self.delivery.redelivered,
+            },
+            "worker_pid": worker_pid,
+        })
     }
 
     /// Put the body back from an encoded TASK frame whose write failed.
@@ -85,4 +113,14 @@ pub enum Job {
     /// Store an outcome no task run produced (unregistered, expired, worker lost), through the
     /// app's own backend in the child, exactly as Celery writes it.
     Record(Value),
+}
+
+impl Job {
+    /// The task request, unless this is an outcome record.
+    pub fn task(&self) -> Option<&Request> {
+        match self {
+            Job::Task(r) => Some(r),
+            Job::Record(_) => None,
+        }
+    }
 }

@@ -160,6 +160,16 @@ impl Pool {
         self.slots.remove(&index).and_then(|s| s.pid)
     }
 
+    pub fn pid(&self, index: usize) -> Option<i32> {
+        self.slots.get(&index).and_then(|s| s.pid)
+    }
+
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self.slots.values().filter_map(|s| s.pid).collect();
+        pids.sort();
+        pids
+    }
+
     pub fn has_pid(&self, pid: i32) -> bool {
         self.slots.values().any(|s| s.pid == Some(pid))
     }

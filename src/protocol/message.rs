@@ -38,6 +38,10 @@ pub struct TaskMessage {
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub root_id: Option<String>,
+    pub argsrepr: String,
+    pub kwargsrepr: String,
+    /// Stamps (`stamps` header), for `revoke_by_stamped_headers`.
+    pub stamps: Map<String, Value>,
     /// The `timelimit` header, `[hard, soft]` in seconds (either may be null).
     pub timelimit: (Option<f64>, Option<f64>),
 }
@@ -104,6 +108,9 @@ impl TaskMessage {
             expires: when("expires")?,
             root_id: text("root_id"),
             timelimit: timelimit(f.get("timelimit")),
+            argsrepr: text("argsrepr").unwrap_or_default(),
+            kwargsrepr: text("kwargsrepr").unwrap_or_default(),
+            stamps: f.get("stamps").and_then(Value::as_object).cloned().unwrap_or_default(),
         })
     }
 }

@@ -11,6 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde::Deserialize;
+
+pub use crate::control::ReplyTo;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -54,6 +56,43 @@ pub enum Settle {
     Restore(String),
     /// The broker already took it back (its connection was lost): only forget it.
     Forget(String),
+}
+
+/// The worker's remote-control mailbox (`kombu.pidbox.Mailbox`, `control_*` settings).
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    pub node: String,
+    /// `control_exchange`: the broadcast exchange is `<namespace>.pidbox`.
+    pub namespace: String,
+    pub queue_expires_ms: Option<u64>,
+    pub queue_ttl_ms: Option<u64>,
+    pub exclusive: bool,
+    pub durable: bool,
+}
+
+impl Mailbox {
+    pub fn exchange(&self) -> String {
+        format!("{}.pidbox", self.namespace)
+    }
+
+    pub fn queue(&self) -> String {
+        format!("{}.{}.pidbox", self.node, self.namespace)
+    }
+}
+
+/// What the mailbox hands the consumer.
+#[derive(Debug)]
+pub enum ControlEvent {
+    /// The mailbox is bound and consumed (or could not be, and never will): the worker may
+    /// announce itself ready, as stock does only after its pidbox started.
+    Listening,
+    /// A request: the decoded body and the sender's `clock` header.
+    Request(Value, u64),
+}
+
+/// Serialize a reply body as kombu's JSON producer would.
+pub fn reply_body(body: &Value) -> Vec<u8> {
+    serde_json::to_vec(body).unwrap_or_else(|_| b"null".to_vec())
 }
 
 /// A queue the worker consumes from, as the app's `task_queues` / `-Q` define it.
@@ -129,6 +168,24 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Give back every delivery still held (shutdown): to the front of its queue.
     fn restore_all(&self) -> impl Future<Output = Result<usize, TransportError>> + Send;
+
+    /// Remote control: deliver the broadcast requests of the `<node>.celery.pidbox` mailbox
+    /// until `stop` turns true; `Listening` first, once requests can arrive.
+    fn pidbox(
+        self: Arc<Self>,
+        mailbox: Mailbox,
+        requests: mpsc::Sender<ControlEvent>,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()>;
+
+    /// Publish a pidbox reply to a client's reply queue.
+    fn reply(
+        &self,
+        to: &ReplyTo,
+        ticket: &str,
+        clock: u64,
+        body: &Value,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Housekeeping the broker needs while the worker runs (visibility timeouts, ...).
     fn maintain(self: Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()>;

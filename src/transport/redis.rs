@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use super::{Delivery, Incoming, QueueSpec, Settle, Transport, TransportError};
+use super::{
+    reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport, TransportError,
+};
 
 const SEP: &str = "\x06\x16";
 const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
@@ -483,6 +485,94 @@ impl Transport for RedisTransport {
             }
         }
         Ok(n)
+    }
+
+    fn pidbox(
+        self: Arc<Self>,
+        mailbox: Mailbox,
+        requests: mpsc::Sender<ControlEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        // Fanout on Redis is PUBLISH to `/<db>.<exchange>` (`fanout_prefix`); kombu's
+        // `_kombu.binding.celery.pidbox` member is kept for tools that list mailboxes.
+        tokio::spawn(async move {
+            let db = self.client.get_connection_info().redis.db;
+            let topic = format!("{}/{db}.{}", self.opts.global_keyprefix, mailbox.exchange());
+            let member = format!("{SEP}{SEP}{}", mailbox.queue());
+            let mut conn = self.conn.clone();
+            let _: Result<(), _> =
+                conn.sadd(self.key(&format!("_kombu.binding.{}", mailbox.exchange())), &member).await;
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let mut pubsub = match self.client.get_async_pubsub().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!("pidbox: cannot connect to redis: {e}");
+                        tokio::select! { _ = tokio::time::sleep(delay) => {}, _ = stop.changed() => return }
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                if let Err(e) = pubsub.psubscribe(&topic).await {
+                    warn!("pidbox: cannot subscribe to {topic:?}: {e}");
+                    continue;
+                }
+                delay = Duration::from_millis(200);
+                let _ = requests.send(ControlEvent::Listening).await;
+                let mut messages = pubsub.on_message();
+                loop {
+                    let msg = tokio::select! {
+                        m = futures_lite::StreamExt::next(&mut messages) => m,
+                        _ = stop.changed() => return,
+                    };
+                    let Some(msg) = msg else { break };
+                    let Ok(payload) = msg.get_payload::<String>() else { continue };
+                    match decode_envelope(&payload, "") {
+                        Ok(d) => {
+                            let clock = d.headers.get("clock").and_then(Value::as_u64).unwrap_or(0);
+                            match serde_json::from_slice::<Value>(&d.body) {
+                                Ok(body) => {
+                                    if requests.send(ControlEvent::Request(body, clock)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => warn!("pidbox: undecodable request ({e}), ignored"),
+                            }
+                        }
+                        Err(e) => warn!("pidbox: not a kombu envelope ({e}), ignored"),
+                    }
+                }
+                warn!("pidbox: subscription to {topic:?} lost; reconnecting");
+            }
+        })
+    }
+
+    async fn reply(&self, to: &ReplyTo, ticket: &str, clock: u64, body: &Value) -> Result<(), TransportError> {
+        // A direct exchange on Redis: its binding table names the client's reply queue.
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = conn.smembers(self.key(&format!("_kombu.binding.{}", to.exchange))).await?;
+        let envelope = serde_json::json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(reply_body(body)),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"ticket": ticket, "clock": clock},
+            "properties": {
+                "delivery_mode": 1,
+                "delivery_info": {"exchange": to.exchange, "routing_key": to.routing_key},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            },
+        })
+        .to_string();
+        for member in members {
+            let mut parts = member.split(SEP);
+            let (Some(rk), Some(_pattern), Some(queue)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            if rk == to.routing_key {
+                let _: () = conn.lpush(self.key(queue), &envelope).await?;
+            }
+        }
+        Ok(())
     }
 
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {

@@ -25,7 +25,9 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use super::{Delivery, Incoming, QueueSpec, Settle, Transport, TransportError};
+use super::{
+    reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport, TransportError,
+};
 
 /// Connection settings from the app's configuration (`broker_heartbeat`, ...).
 #[derive(Debug, Clone)]
@@ -54,6 +56,16 @@ pub struct AmqpTransport {
     queues: Mutex<Vec<QueueSpec>>,
     /// Consumer tags of the current connection, cancelled before messages are given back.
     consumer_tags: Mutex<Vec<String>>,
+    /// The remote-control connection's channel, also used to publish replies.
+    pidbox_channel: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PidboxError {
+    #[error("another node with this name holds the mailbox")]
+    NodeInUse,
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
 }
 
 fn exchange_kind(kind: &str) -> ExchangeKind {
@@ -140,6 +152,7 @@ impl AmqpTransport {
             held: Mutex::new(BTreeSet::new()),
             queues: Mutex::new(Vec::new()),
             consumer_tags: Mutex::new(Vec::new()),
+            pidbox_channel: tokio::sync::Mutex::new(None),
         };
         let session = t.open_session(0).await?;
         *t.session.lock().await = Some(session);
@@ -224,6 +237,47 @@ impl AmqpTransport {
             }
         }
         Ok(())
+    }
+
+    /// Connect the mailbox: the `<ns>.pidbox` fanout exchange and this node's exclusive queue,
+    /// declared as kombu declares them, consumed without acks.
+    async fn open_pidbox(&self, mailbox: &Mailbox, attempt: usize) -> Result<lapin::Consumer, PidboxError> {
+        let uri = self.uris[attempt % self.uris.len()].clone();
+        let props = ConnectionProperties::default().with_connection_name("celeriac-pidbox".into());
+        let connection = Connection::connect_uri(uri, props).await?;
+        let channel = connection.create_channel().await?;
+        let transient = ExchangeDeclareOptions { durable: false, ..Default::default() };
+        channel.exchange_declare(&mailbox.exchange(), ExchangeKind::Fanout, transient, FieldTable::default()).await?;
+        let mut args = Map::new();
+        if let Some(ms) = mailbox.queue_expires_ms {
+            args.insert("x-expires".into(), Value::from(ms));
+        }
+        if let Some(ms) = mailbox.queue_ttl_ms {
+            args.insert("x-message-ttl".into(), Value::from(ms));
+        }
+        let opts = QueueDeclareOptions {
+            durable: mailbox.durable,
+            exclusive: mailbox.exclusive,
+            auto_delete: !mailbox.durable,
+            ..Default::default()
+        };
+        if let Err(e) = channel.queue_declare(&mailbox.queue(), opts, fields::table_from_json(&args)).await {
+            return Err(if e.to_string().contains("RESOURCE_LOCKED") { PidboxError::NodeInUse } else { e.into() });
+        }
+        channel
+            .queue_bind(&mailbox.queue(), &mailbox.exchange(), "", QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        let consume = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let consumer = channel
+            .basic_consume(
+                &mailbox.queue(),
+                &format!("celeriac-pidbox-{}", std::process::id()),
+                consume,
+                FieldTable::default(),
+            )
+            .await?;
+        *self.pidbox_channel.lock().await = Some((connection, channel));
+        Ok(consumer)
     }
 
     /// Stop the broker sending more (`basic.cancel`), so what we give back stays in the queue.
@@ -444,6 +498,88 @@ impl Transport for AmqpTransport {
             let _ = s.connection.close(200, "worker shutdown").await;
         }
         Ok(n)
+    }
+
+    fn pidbox(
+        self: Arc<Self>,
+        mailbox: Mailbox,
+        requests: mpsc::Sender<ControlEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut attempt = 0usize;
+            loop {
+                match self.open_pidbox(&mailbox, attempt).await {
+                    Ok(mut consumer) => {
+                        attempt = 0;
+                        let _ = requests.send(ControlEvent::Listening).await;
+                        loop {
+                            let item = tokio::select! {
+                                i = consumer.next() => i,
+                                _ = stop.changed() => return,
+                            };
+                            match item {
+                                Some(Ok(d)) => {
+                                    let clock = d
+                                        .properties
+                                        .headers()
+                                        .as_ref()
+                                        .and_then(|h| h.inner().get("clock").map(fields::to_json))
+                                        .and_then(|v| v.as_u64())
+                                        .unwrap_or(0);
+                                    match serde_json::from_slice::<Value>(&d.data) {
+                                        Ok(body) => {
+                                            if requests.send(ControlEvent::Request(body, clock)).await.is_err() {
+                                                return;
+                                            }
+                                        }
+                                        Err(e) => warn!("pidbox: undecodable request ({e}), ignored"),
+                                    }
+                                }
+                                Some(Err(e)) => {
+                                    warn!("pidbox: connection lost ({e}); reconnecting");
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                    }
+                    Err(PidboxError::NodeInUse) => {
+                        error!(
+                            "A node named {} is already using this process mailbox!\n\nMaybe you forgot to shutdown \
+                             the other node or did not do so properly?\nOr if you meant to start multiple nodes on \
+                             the same host please make sure you give each node a unique node name!",
+                            mailbox.node
+                        );
+                        let _ = requests.send(ControlEvent::Listening).await;
+                        return;
+                    }
+                    Err(PidboxError::Broker(e)) => warn!("pidbox: {e}"),
+                }
+                *self.pidbox_channel.lock().await = None;
+                attempt += 1;
+                let delay = Duration::from_millis(200 * (attempt as u64).min(25));
+                tokio::select! { _ = tokio::time::sleep(delay) => {}, _ = stop.changed() => return }
+            }
+        })
+    }
+
+    async fn reply(&self, to: &ReplyTo, ticket: &str, clock: u64, body: &Value) -> Result<(), TransportError> {
+        let guard = self.pidbox_channel.lock().await;
+        let (_, channel) = guard.as_ref().ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
+        // As `kombu.pidbox.Mailbox._publish_reply`: declare the (transient) reply exchange.
+        let opts = ExchangeDeclareOptions { durable: false, ..Default::default() };
+        channel.exchange_declare(&to.exchange, ExchangeKind::Direct, opts, FieldTable::default()).await?;
+        let mut headers = FieldTable::default();
+        headers.insert("ticket".into(), fields::from_json(&Value::from(ticket)));
+        headers.insert("clock".into(), fields::from_json(&Value::from(clock)));
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_delivery_mode(1)
+            .with_headers(headers);
+        channel.basic_publish(&to.exchange, &to.routing_key, Default::default(), &reply_body(body), props).await?;
+        Ok(())
     }
 
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {

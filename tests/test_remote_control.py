@@ -1,0 +1,144 @@
+"""Remote control with the real `celery inspect/control` commands and `app.control` calls
+(issues: Step 3 point 4 revocation, Step 4 point 1), on every broker."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from celery.exceptions import TaskRevokedError
+
+import testapp
+from conftest import APPS, BROKER_KIND, only_on
+
+NODE = "rc@testhost"
+WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2", "-n", NODE]
+
+
+def inspect():
+    return testapp.app.control.inspect(destination=[NODE], timeout=2)
+
+
+def wait_started(marker, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if testapp._redis().lrange(marker, 0, -1):
+            return
+        time.sleep(0.02)
+    raise AssertionError("task did not start")
+
+
+def test_celery_inspect_ping_cli(worker):
+    worker(WORKER).wait_ready()
+    out = subprocess.run([sys.executable, "-m", "celery", "-A", "testapp", "inspect", "ping", "-d", NODE],
+                         cwd=APPS, env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "pong" in out.stdout and NODE in out.stdout
+
+
+def test_inspect_views(worker):
+    worker(WORKER).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    running = testapp.sleep.delay(2, marker)
+    later = testapp.add.apply_async((1, 2), countdown=30)
+    wait_started(marker)
+    time.sleep(0.2)
+    assert testapp.app.control.ping(destination=[NODE], timeout=2) == [{NODE: {"ok": "pong"}}]
+    i = inspect()
+    active = i.active()[NODE]
+    assert [t["id"] for t in active] == [running.id]
+    assert active[0]["name"] == "testapp.sleep" and active[0]["worker_pid"] and active[0]["time_start"]
+    scheduled = i.scheduled()[NODE]
+    assert [s["request"]["id"] for s in scheduled] == [later.id]
+    assert i.reserved()[NODE] == []
+    assert "testapp.add" in i.registered()[NODE]
+    stats = i.stats()[NODE]
+    assert stats["pool"]["max-concurrency"] == 2 and len(stats["pool"]["processes"]) == 2
+    assert stats["total"].get("testapp.sleep") == 1
+    queues = i.active_queues()[NODE]
+    assert [q["name"] for q in queues] == ["celery"]
+    states = i.query_task([running.id, later.id])[NODE]
+    assert states[running.id][0] == "active" and states[later.id][0] == "scheduled"
+    assert "result_backend" in i.conf()[NODE]
+    assert i.clock()[NODE]["clock"] > 0
+    testapp.app.control.revoke(later.id)
+    assert running.get(timeout=10) == 2
+
+
+def test_revoke_waiting_and_future_tasks(worker):
+    w = worker(WORKER).wait_ready()
+    eta = testapp.add.apply_async((1, 1), countdown=2)
+    future_id = str(uuid.uuid4())
+    replies = testapp.app.control.revoke([eta.id, future_id], reply=True, destination=[NODE])
+    assert replies and "flagged as revoked" in replies[0][NODE]["ok"]
+    assert future_id in inspect().revoked()[NODE]
+    # Sent after the revoke: discarded when it arrives.
+    future = testapp.add.apply_async((2, 2), task_id=future_id)
+    with pytest.raises(TaskRevokedError):
+        eta.get(timeout=10)
+    with pytest.raises(TaskRevokedError):
+        future.get(timeout=10)
+    w.wait_for(f"Discarding revoked task: testapp.add[{eta.id}]")  # when its ETA came
+    assert testapp.add.delay(3, 3).get(timeout=10) == 6
+
+
+def test_revoke_terminate_kills_the_running_task(worker):
+    w = worker(WORKER).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    r = testapp.late_sleep.delay(30, marker)
+    wait_started(marker)
+    replies = testapp.app.control.revoke(r.id, terminate=True, signal="SIGKILL", reply=True, destination=[NODE])
+    assert replies[0][NODE] == {"ok": f"terminate: {r.id}"}
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=10)
+    assert "WorkerLostError" not in w.log()
+    assert testapp.add.delay(1, 2).get(timeout=10) == 3
+    time.sleep(0.5)
+    assert testapp._redis().lrange(marker, 0, -1) == [b"start"]  # not redelivered
+
+
+def test_rate_limit_and_time_limit_at_run_time(worker):
+    worker(WORKER).wait_ready()
+    reply = testapp.app.control.rate_limit("testapp.add", "5/s", reply=True, destination=[NODE])
+    assert reply == [{NODE: {"ok": "new rate limit set successfully"}}]
+    start = time.time()
+    [r.get(timeout=20) for r in [testapp.add.delay(i, i) for i in range(6)]]
+    assert time.time() - start >= 0.9
+    assert "testapp.add [rate_limit=5/s]" in inspect().registered()[NODE]
+    reply = testapp.app.control.time_limit("testapp.stubborn", soft=0.2, hard=0.8, reply=True, destination=[NODE])
+    assert reply == [{NODE: {"ok": "time limits set successfully"}}]
+    from billiard.exceptions import TimeLimitExceeded
+
+    with pytest.raises(TimeLimitExceeded):
+        testapp.stubborn.delay(30).get(timeout=15)
+    bad = testapp.app.control.rate_limit("no.such.task", "1/s", reply=True, destination=[NODE])
+    assert bad == [{NODE: {"error": "unknown task"}}]
+
+
+def test_unknown_command_answers_an_error(worker):
+    worker(WORKER).wait_ready()
+    replies = testapp.app.control.broadcast("no_such_command", reply=True, destination=[NODE], timeout=2)
+    assert replies == [{NODE: {"error": "KeyError('no_such_command')"}}]
+
+
+def test_shutdown_command(worker):
+    w = worker(WORKER).wait_ready()
+    testapp.app.control.shutdown(destination=[NODE])
+    assert w.wait_exit(20) == 0
+    assert "Got shutdown from remote" in w.log()
+
+
+def test_destination_filters_nodes(worker):
+    worker(WORKER).wait_ready()
+    assert testapp.app.control.ping(destination=["someone@else"], timeout=1) == []
+
+
+@only_on("amqp")
+def test_two_workers_with_one_node_name(worker):
+    worker(WORKER).wait_ready()
+    second = worker(WORKER, name="second").wait_ready()
+    second.wait_for("is already using this process mailbox")
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+    assert BROKER_KIND == "amqp"
