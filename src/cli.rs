@@ -132,6 +132,10 @@ pub struct WorkerArgs {
     #[arg(long = "max-memory-per-child", env = "CELERIAC_MAX_MEMORY_PER_CHILD")]
     pub max_memory_per_child: Option<u64>,
 
+    /// Keep revoked task ids in this file across restarts (celery's shelve format).
+    #[arg(short = 'S', long = "statedb", env = "CELERIAC_STATEDB")]
+    pub statedb: Option<String>,
+
     #[command(flatten)]
     pub not_yet: NotYetImplemented,
 }
@@ -151,8 +155,6 @@ pub struct NotYetImplemented {
     pub umask: Option<String>,
     #[arg(long = "executable", env = "CELERIAC_EXECUTABLE", hide = true)]
     pub executable: Option<String>,
-    #[arg(short = 'S', long = "statedb", env = "CELERIAC_STATEDB", hide = true)]
-    pub statedb: Option<String>,
     #[arg(short = 'P', long = "pool", env = "CELERIAC_POOL", hide = true)]
     pub pool: Option<String>,
     #[arg(long = "pool-start-method", env = "CELERIAC_POOL_START_METHOD", hide = true)]
@@ -190,7 +192,6 @@ impl NotYetImplemented {
         note(self.gid.is_some(), "--gid");
         note(self.umask.is_some(), "--umask");
         note(self.executable.is_some(), "--executable");
-        note(self.statedb.is_some(), "--statedb");
         note(self.pool.as_deref().is_some_and(|p| p != "prefork"), "--pool");
         note(self.pool_start_method.is_some(), "--pool-start-method");
         note(self.purge, "--purge");

@@ -25,6 +25,9 @@ pub struct AppInfo {
     pub tasks: HashMap<String, TaskOptions>,
     #[serde(default)]
     pub conf_table: Value,
+    /// Revoked ids loaded from `--statedb`.
+    #[serde(default)]
+    pub revoked: Vec<String>,
     #[serde(default)]
     pub broker_info: Value,
     pub conf: AppConf,
@@ -214,6 +217,7 @@ pub fn zygote_options(cli: &Cli, worker: &WorkerArgs) -> Value {
         "concurrency": worker.concurrency,
         "max_tasks_per_child": worker.max_tasks_per_child,
         "max_memory_per_child": worker.max_memory_per_child,
+        "statedb": worker.statedb,
     })
 }
 

@@ -205,6 +205,7 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         replies: reply_tx,
         app_conf: app.conf_table.clone(),
         broker_info: app.broker_info.clone(),
+        revoked: app.revoked.clone(),
         pool_events: pool_rx,
         deliveries: delivery_rx,
         prefetch: prefetch_tx,

@@ -142,3 +142,25 @@ def test_two_workers_with_one_node_name(worker):
     second.wait_for("is already using this process mailbox")
     assert testapp.add.delay(1, 1).get(timeout=10) == 2
     assert BROKER_KIND == "amqp"
+
+
+def test_statedb_keeps_revoked_ids_across_restarts(worker, tmp_path):
+    statedb = tmp_path / "worker.state"
+    first = worker(WORKER + ["--statedb", str(statedb)]).wait_ready()
+    doomed = str(uuid.uuid4())
+    testapp.app.control.revoke(doomed, destination=[NODE])
+    time.sleep(0.3)
+    assert first.stop() == 0
+    second = worker(WORKER + ["--statedb", str(statedb)], name="second").wait_ready()
+    assert doomed in inspect().revoked()[NODE]
+    r = testapp.add.apply_async((1, 1), task_id=doomed)
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=10)
+    second.wait_for(f"Discarding revoked task: testapp.add[{doomed}]")
+    # The file is celery's own format: the stock worker reads it too.
+    import shelve
+    import zlib
+    import pickle
+
+    with shelve.open(str(statedb)) as db:
+        assert doomed in pickle.loads(zlib.decompress(db["zrevoked"]))

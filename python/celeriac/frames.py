@@ -8,6 +8,7 @@ import struct
 
 # supervisor -> zygote
 FORK = 1  # payload: json {"index": n}; one fd (the child's end of its socketpair) rides along
+SAVE_STATE = 6  # payload: json {"revoked": [...], "clock": n}; write the --statedb file
 # zygote -> supervisor
 BOOTSTRAP = 2  # payload: json, the app's configuration and task registry
 FORKED = 3  # payload: json {"index": n, "pid": p}

@@ -190,6 +190,32 @@ def bootstrap_info(app, hostname, options):
     }
 
 
+class StateDB:
+    """`--statedb`: celery's own `celery.worker.state.Persistent` shelve file (revoked ids, clock)."""
+
+    def __init__(self, app, options):
+        from celery.worker import state as worker_state
+
+        self.state = worker_state
+        self.filename = options.get("statedb") or app.conf.worker_state_db
+        self.persistent = worker_state.Persistent(worker_state, self.filename) if self.filename else None
+
+    def revoked(self):
+        return sorted(self.state.revoked) if self.persistent else []
+
+    def save(self, revoked, clock):
+        if not self.persistent:
+            return
+        self.state.revoked.update(revoked)
+
+        class _Clock:
+            def forward(self):
+                return clock
+
+        self.persistent.clock = _Clock()
+        self.persistent.save()
+
+
 def start_worker(app, hostname, options, level):
     """The MainProcess start-up of celery/worker/worker.py, minus the parts Rust owns."""
     from celery import signals
@@ -232,7 +258,9 @@ def main(control_fd, options_json):
         hostname = _hostname(options)
         app = load_app(options)
         start_worker(app, hostname, options, level)
+        statedb = StateDB(app, options)
         info = bootstrap_info(app, hostname, options)
+        info["revoked"] = statedb.revoked()
     except BaseException as exc:  # one clear line for the user, the traceback at debug level
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         if options.get("loglevel", "").upper() == "DEBUG":
@@ -243,10 +271,10 @@ def main(control_fd, options_json):
     # Children share the app's objects copy-on-write; keep the collector from touching them.
     gc.collect()
     gc.freeze()
-    return _serve(control, app, hostname, options)
+    return _serve(control, app, hostname, options, statedb)
 
 
-def _serve(control, app, hostname, options):
+def _serve(control, app, hostname, options, statedb):
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -267,7 +295,13 @@ def _serve(control, app, hostname, options):
             if not msg:
                 return 0  # the supervisor is gone or done: children die with us (pdeathsig)
             kind = msg[4]
-            if kind == frames.FORK and fds:
+            if kind == frames.SAVE_STATE:
+                try:
+                    state = json.loads(msg[5:])
+                    statedb.save(state.get("revoked", []), state.get("clock", 0))
+                except Exception:
+                    logger.exception("Could not save the worker state to %s", statedb.filename)
+            elif kind == frames.FORK and fds:
                 index = json.loads(msg[5:])["index"]
                 pid = os.fork()
                 if pid == 0:

@@ -79,6 +79,8 @@ pub struct Channels {
     pub replies: mpsc::UnboundedSender<Reply>,
     pub app_conf: serde_json::Value,
     pub broker_info: serde_json::Value,
+    /// Revoked ids restored from `--statedb`.
+    pub revoked: Vec<String>,
     pub pool_events: mpsc::UnboundedReceiver<PoolEvent>,
     pub deliveries: mpsc::Receiver<Incoming>,
     /// The prefetch count brokers that enforce it should apply (raised per waiting ETA task).
@@ -109,7 +111,7 @@ impl Consumer {
             control: ch.control,
             mailbox_listening: false,
             replies: ch.replies,
-            revoked: RevokedSet::from_env(),
+            revoked: RevokedSet::from_ids(RevokedSet::from_env(), &ch.revoked),
             clock: 0,
             started: std::time::Instant::now(),
             totals: HashMap::new(),
@@ -755,7 +757,18 @@ impl Consumer {
                 Ok(Some(_)) => {}
             }
         }
+        let state = json!({"revoked": self.revoked.ids(), "clock": self.clock});
+        if let Err(e) = self.pool.zygote().save_state(&state).await {
+            warn!("Could not save the worker state: {e}");
+        }
         self.pool.zygote().close();
+        // Let the zygote finish (it writes the state file) before we exit and take it along.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
+            if matches!(event, PoolEvent::ZygoteGone) {
+                break;
+            }
+        }
         exit_code
     }
 }

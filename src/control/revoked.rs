@@ -25,6 +25,14 @@ impl RevokedSet {
         )
     }
 
+    /// A set already holding `ids` (restored from `--statedb`).
+    pub fn from_ids(mut set: RevokedSet, ids: &[String]) -> Self {
+        for id in ids {
+            set.add(id);
+        }
+        set
+    }
+
     pub fn add(&mut self, id: &str) {
         let now = Instant::now();
         self.purge(now);

@@ -168,6 +168,13 @@ impl Zygote {
         }
     }
 
+    /// Ask the zygote to write the `--statedb` file (it is celery's shelve format).
+    pub async fn save_state(&mut self, state: &serde_json::Value) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let writer = self.writer.as_mut().ok_or_else(|| std::io::Error::other("zygote closed"))?;
+        writer.write_all(&frame::encode(Kind::SaveState, state.to_string().as_bytes())).await
+    }
+
     /// Close the control socket: the zygote exits, and with it any child still alive.
     pub fn close(&mut self) {
         self.writer = None;
