@@ -287,13 +287,12 @@ def run_once(kind, binary, n, q, logdir, rnd, quiet_wait):
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        else:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # pool children it may have left behind
-            except ProcessLookupError:
                 pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: whatever of it is still there
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
         log.close()
     problems = [line for line in logpath.read_text(errors="replace").splitlines()
                 if "ERROR" in line or "CRITICAL" in line or "Traceback" in line]

@@ -136,6 +136,10 @@ pub struct WorkerArgs {
     #[arg(short = 'S', long = "statedb", env = "CELERIAC_STATEDB")]
     pub statedb: Option<String>,
 
+    /// Seconds between worker heartbeat events (default 2).
+    #[arg(long = "heartbeat-interval", env = "CELERIAC_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<f64>,
+
     #[command(flatten)]
     pub not_yet: NotYetImplemented,
 }
@@ -163,8 +167,6 @@ pub struct NotYetImplemented {
     pub purge: bool,
     #[arg(short = 'I', long = "include", env = "CELERIAC_INCLUDE", hide = true)]
     pub include: Option<String>,
-    #[arg(long = "heartbeat-interval", env = "CELERIAC_HEARTBEAT_INTERVAL", hide = true)]
-    pub heartbeat_interval: Option<String>,
     #[arg(long = "autoscale", env = "CELERIAC_AUTOSCALE", hide = true)]
     pub autoscale: Option<String>,
     #[arg(short = 'B', long = "beat", env = "CELERIAC_BEAT", hide = true)]
@@ -196,7 +198,6 @@ impl NotYetImplemented {
         note(self.pool_start_method.is_some(), "--pool-start-method");
         note(self.purge, "--purge");
         note(self.include.is_some(), "--include");
-        note(self.heartbeat_interval.is_some(), "--heartbeat-interval");
         note(self.autoscale.is_some(), "--autoscale");
         note(self.beat, "--beat");
         note(self.schedule_filename.is_some(), "--schedule-filename");

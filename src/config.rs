@@ -117,6 +117,9 @@ pub struct WorkerSettings {
     pub soft_time_limit: Option<f64>,
     /// `worker_disable_rate_limits`.
     pub disable_rate_limits: bool,
+    /// Worker events (online, heartbeat, offline): off with `--without-heartbeat`.
+    pub worker_events: bool,
+    pub heartbeat_interval: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +173,8 @@ impl WorkerSettings {
             time_limit: worker.time_limit.filter(|t| *t > 0.0),
             soft_time_limit: worker.soft_time_limit.filter(|t| *t > 0.0),
             disable_rate_limits: app.conf.worker_disable_rate_limits,
+            worker_events: !worker.without_heartbeat,
+            heartbeat_interval: worker.heartbeat_interval.filter(|h| *h > 0.0).unwrap_or(2.0),
         })
     }
 

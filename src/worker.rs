@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 use crate::cli::{Cli, WorkerArgs};
 use crate::config::{zygote_options, AppInfo, WorkerSettings};
 use crate::consumer::{acker, Channels, Consumer};
+use crate::control::events::Events;
 use crate::embed::interpreter;
 use crate::ops::{banner, logging, pidfile::Pidfile, signals};
 use crate::pool::{zygote, Pool};
@@ -197,10 +198,21 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let (control_tx, control_rx) = mpsc::channel(256);
     let mailbox = transport.clone().pidbox(app.mailbox(), control_tx, stop_rx);
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+    let (event_tx, event_rx) = mpsc::unbounded_channel();
+    let publisher = tokio::spawn(send_events(transport.clone(), settings.hostname.clone(), event_rx));
+    let events = Events::new(
+        settings.hostname.clone(),
+        app.celery_version.clone(),
+        settings.task_events,
+        settings.worker_events,
+        settings.heartbeat_interval,
+        event_tx,
+    );
     let replier = tokio::spawn(send_replies(transport.clone(), reply_rx));
     let acking = tokio::spawn(acker::run(transport.clone(), settle_rx, window.clone()));
     let pool = Pool::new(zygote, pool_tx);
     let channels = Channels {
+        events,
         control: control_rx,
         replies: reply_tx,
         app_conf: app.conf_table.clone(),
@@ -219,6 +231,8 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let _ = consuming.await;
     maintenance.abort();
     mailbox.abort();
+    // The consumer is gone and with it the event sender: let the last events (worker-offline) out.
+    let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
     replier.abort();
     if tokio::time::timeout(Duration::from_secs(10), acking).await.is_err() {
         error!("Timed out acknowledging the last messages; they will be redelivered");
@@ -236,6 +250,20 @@ async fn send_replies<T: Transport>(transport: Arc<T>, mut replies: mpsc::Unboun
     while let Some((to, ticket, clock, body)) = replies.recv().await {
         if let Err(e) = transport.reply(&to, &ticket, clock, &body).await {
             warn!("Could not send a remote-control reply to {}: {e}", to.routing_key);
+        }
+    }
+}
+
+/// Publish events as the consumer produces them, off its loop. Events are transient: one that
+/// cannot be published is dropped, as kombu's event dispatcher does.
+async fn send_events<T: Transport>(
+    transport: Arc<T>,
+    hostname: String,
+    mut events: mpsc::UnboundedReceiver<crate::control::events::EventMessage>,
+) {
+    while let Some((routing_key, body)) = events.recv().await {
+        if let Err(e) = transport.publish_event(&routing_key, &hostname, &body).await {
+            tracing::debug!("event {routing_key} dropped: {e}");
         }
     }
 }

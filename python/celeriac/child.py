@@ -133,7 +133,7 @@ class Child:
             self._store_failure(task_id, name, request, exc)
             return {"outcome": "failure", "runtime": 0.0}
         if not failed:
-            return {"outcome": "success", "runtime": runtime}
+            return {"outcome": "success", "runtime": runtime, "result": retval}
         exc = getattr(retval, "exception", None)
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
@@ -144,9 +144,18 @@ class Child:
             return {"outcome": "rejected", "requeue": bool(exc.requeue), "runtime": runtime}
         if isinstance(exc, cexc.Ignore):
             return {"outcome": "ignored", "runtime": runtime}
+        return self._failure_report(retval, exc, runtime)
+
+    @staticmethod
+    def _failure_report(einfo, exc, runtime):
+        """Failure and retry outcomes, with what `task-failed` / `task-retried` events carry."""
+        from celery.utils.saferepr import saferepr
+
         if isinstance(exc, cexc.Retry):
-            return {"outcome": "retry", "runtime": runtime}
-        return {"outcome": "failure", "runtime": runtime}
+            return {"outcome": "retry", "runtime": runtime, "exception": saferepr(exc.exc if exc.exc is not None else exc),
+                    "traceback": str(getattr(einfo, "traceback", "") or "")}
+        return {"outcome": "failure", "runtime": runtime, "exception": saferepr(exc),
+                "traceback": str(getattr(einfo, "traceback", "") or "")}
 
     def _store_failure(self, task_id, name, request, exc):
         task = self.app.tasks.get(name)

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{TaskOptions, WorkerSettings};
+use crate::control::events::Events;
 use crate::control::revoked::RevokedSet;
 use crate::control::{ControlRequest, ReplyTo};
 use crate::ops::signals::Stop;
@@ -66,6 +67,10 @@ pub struct Consumer {
     /// `inspect conf` and `stats.broker`, as the zygote reported them.
     app_conf: serde_json::Value,
     broker_info: serde_json::Value,
+    events: Events,
+    next_heartbeat: tokio::time::Instant,
+    /// Tasks finished (`processed` in heartbeats).
+    processed: u64,
     startup_failures: u32,
     announced_ready: bool,
     stopping: Option<Stop>,
@@ -75,6 +80,7 @@ pub struct Consumer {
 pub type Reply = (ReplyTo, String, u64, serde_json::Value);
 
 pub struct Channels {
+    pub events: Events,
     pub control: mpsc::Receiver<ControlEvent>,
     pub replies: mpsc::UnboundedSender<Reply>,
     pub app_conf: serde_json::Value,
@@ -117,6 +123,9 @@ impl Consumer {
             totals: HashMap::new(),
             app_conf: ch.app_conf,
             broker_info: ch.broker_info,
+            events: ch.events,
+            next_heartbeat: tokio::time::Instant::now(),
+            processed: 0,
             startup_failures: 0,
             announced_ready: false,
             stopping: None,
@@ -149,6 +158,7 @@ impl Consumer {
                     None => std::future::pending().await,
                 }
             };
+            let heartbeat = tokio::time::sleep_until(self.next_heartbeat);
             let next_limit = self.next_time_limit();
             let limit_sleep = async {
                 match next_limit {
@@ -180,8 +190,10 @@ impl Consumer {
                 _ = eta_sleep => self.release_due(),
                 _ = limit_sleep => self.enforce_time_limits(),
                 _ = rate_sleep => self.release_rate_limited(),
+                _ = heartbeat, if self.announced_ready => self.send_heartbeat(),
             }
             self.dispatch().await;
+            self.events.flush();
             match self.stopping {
                 Some(Stop::Cold) => return self.finish(Stop::Cold, 1).await,
                 Some(warm @ Stop::Warm { exit_code }) if self.active.is_empty() && self.ready.is_empty() => {
@@ -215,6 +227,12 @@ impl Consumer {
             return self.settle(Settle::Reject(delivery.tag), true);
         }
         info!("Task {}[{}] received", message.display_name(), message.id);
+        let fields = json!({
+            "uuid": message.id, "name": message.display_name(), "args": message.argsrepr, "kwargs": message.kwargsrepr,
+            "root_id": message.root_id, "parent_id": message.parent_id, "retries": message.retries,
+            "eta": message.eta.map(|t| t.to_rfc3339()), "expires": message.expires.map(|t| t.to_rfc3339()),
+        });
+        self.events.task(&mut self.clock, "task-received", fields);
         let request = Request::new(delivery, message, options);
         if let Some(why) = self.revoked_reason(&request) {
             return self.discard_revoked(request, why);
@@ -375,6 +393,8 @@ impl Consumer {
             "correlation_id": delivery.properties.get("correlation_id"),
             "reply_to": delivery.properties.get("reply_to"),
         });
+        let fields = json!({"uuid": message.id, "exception": format!("NotRegistered('{}')", message.name)});
+        self.events.task(&mut self.clock, "task-failed", fields);
         self.settle(Settle::Reject(delivery.tag), true);
         self.ready.push_back(Job::Record(record));
     }
@@ -383,6 +403,9 @@ impl Consumer {
     /// `Request.revoked`: expired or revoked requests are acked, stored REVOKED, never run.
     fn discard_revoked(&mut self, request: Request, why: &str) {
         info!("Discarding revoked task: {}[{}]", request.message.display_name(), request.message.id);
+        let fields =
+            json!({"uuid": request.message.id, "terminated": false, "signum": null, "expired": why == "expired"});
+        self.events.task(&mut self.clock, "task-revoked", fields);
         let record = json!({
             "reason": "revoked",
             "why": why,
@@ -394,11 +417,21 @@ impl Consumer {
         self.ready.push_back(Job::Record(record));
     }
 
+    /// `worker-heartbeat` every `freq` seconds (`celery/worker/heartbeat.py`).
+    pub(super) fn send_heartbeat(&mut self) {
+        self.events.worker(&mut self.clock, "worker-heartbeat", self.active.len(), self.processed);
+        self.next_heartbeat =
+            tokio::time::Instant::now() + std::time::Duration::from_secs_f64(self.events.freq.max(0.1));
+    }
+
     /// "<node> ready." once every child is up and the mailbox listens (stock's consumer
     /// starts its pidbox before it reports ready).
     fn maybe_announce_ready(&mut self) {
         if !self.announced_ready && self.mailbox_listening && self.pool.ready_count() >= self.settings.concurrency {
             self.announced_ready = true;
+            self.events.worker(&mut self.clock, "worker-online", 0, 0);
+            self.next_heartbeat =
+                tokio::time::Instant::now() + std::time::Duration::from_secs_f64(self.events.freq.max(0.1));
             info!("{} ready.", self.settings.hostname);
         }
     }
@@ -462,6 +495,7 @@ impl Consumer {
             if let Job::Task(request) = &mut job {
                 request.start_clocks(self.settings.time_limit, self.settings.soft_time_limit);
                 *self.totals.entry(request.message.name.clone()).or_default() += 1;
+                self.events.task(&mut self.clock, "task-started", json!({"uuid": request.message.id}));
                 // Early ack: the child is idle, so it starts the task now (`Request.on_accepted`).
                 if !request.options.acks_late {
                     self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
@@ -546,6 +580,26 @@ impl Consumer {
         if request.timed_out {
             return; // settled when the hard limit fired
         }
+        self.processed += 1;
+        let uuid = &request.message.id;
+        let event = match report.outcome.as_str() {
+            "success" => {
+                Some(("task-succeeded", json!({"uuid": uuid, "result": report.result, "runtime": report.runtime})))
+            }
+            "failure" => Some((
+                "task-failed",
+                json!({"uuid": uuid, "exception": report.exception, "traceback": report.traceback}),
+            )),
+            "retry" => Some((
+                "task-retried",
+                json!({"uuid": uuid, "exception": report.exception, "traceback": report.traceback}),
+            )),
+            "rejected" => Some(("task-rejected", json!({"uuid": uuid, "requeue": report.requeue}))),
+            _ => None,
+        };
+        if let Some((kind, fields)) = event {
+            self.events.task(&mut self.clock, kind, fields);
+        }
         let frees = !request.eta_bumped;
         let tag = request.delivery.tag.clone();
         if !request.options.acks_late {
@@ -570,6 +624,8 @@ impl Consumer {
             }
             Job::Task(request) if request.terminated.is_some() => {
                 // revoke(terminate=True): REVOKED 'terminated', acked (`Request._announce_revoked`).
+                let fields = json!({"uuid": request.message.id, "terminated": true, "signum": request.terminated, "expired": false});
+                self.events.task(&mut self.clock, "task-revoked", fields);
                 if request.options.acks_late {
                     self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
                 }
@@ -592,6 +648,8 @@ impl Consumer {
                     request.message.display_name(),
                     request.message.id
                 );
+                let fields = json!({"uuid": request.message.id, "exception": format!("WorkerLostError('{detail}')"), "traceback": null});
+                self.events.task(&mut self.clock, "task-failed", fields);
                 let tag = request.delivery.tag.clone();
                 let frees = !request.eta_bumped;
                 let opts = &request.options;
@@ -650,6 +708,9 @@ impl Consumer {
             if r.hard_deadline.is_some_and(|d| d <= now) {
                 let hard = hard.unwrap_or(0.0);
                 error!("Hard time limit ({hard}s) exceeded for {}[{}]", r.message.display_name(), r.message.id);
+                let fields =
+                    json!({"uuid": r.message.id, "exception": format!("TimeLimitExceeded({hard})"), "traceback": null});
+                self.events.task(&mut self.clock, "task-failed", fields);
                 r.timed_out = true;
                 self.pool.signal(*index, nix::sys::signal::Signal::SIGKILL);
                 if r.options.acks_late {
@@ -757,6 +818,9 @@ impl Consumer {
                 Ok(Some(_)) => {}
             }
         }
+        self.events.flush();
+        let (active, processed) = (self.active.len(), self.processed);
+        self.events.worker(&mut self.clock, "worker-offline", active, processed);
         let state = json!({"revoked": self.revoked.ids(), "clock": self.clock});
         if let Err(e) = self.pool.zygote().save_state(&state).await {
             warn!("Could not save the worker state: {e}");

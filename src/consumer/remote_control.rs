@@ -71,6 +71,20 @@ impl Consumer {
             "stats" => Some(self.stats()),
             "active_queues" => Some(self.active_queues()),
             "conf" => Some(self.app_conf.clone()),
+            "enable_events" => {
+                self.events.task_events = true;
+                info!("Events of group {{task}} enabled by remote.");
+                Some(ok("task events enabled"))
+            }
+            "disable_events" => {
+                self.events.task_events = false;
+                info!("Events of group {{task}} disabled by remote.");
+                Some(ok("task events disabled"))
+            }
+            "heartbeat" => {
+                self.send_heartbeat();
+                None
+            }
             "hello" => {
                 let from = args.get("from_node").and_then(Value::as_str).unwrap_or("");
                 if from == self.settings.hostname {

@@ -3,6 +3,7 @@
 //! Transports carry the messages (`Transport::pidbox`, `Transport::reply`); the consumer runs
 //! the commands against its own state (`consumer/remote_control.rs`).
 
+pub mod events;
 pub mod revoked;
 
 use serde_json::{Map, Value};

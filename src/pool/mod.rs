@@ -18,13 +18,23 @@ use frame::Kind;
 pub use zygote::{ExitStatus, Zygote};
 
 /// What a child reports when a job is done (`python/celeriac/child.py`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct DoneReport {
     /// success, failure, retry, ignored, rejected, decode_error, invalid, recorded.
     pub outcome: String,
     /// For `rejected`: `Reject(requeue=...)`.
     #[serde(default)]
     pub requeue: bool,
+    /// `saferepr` of the return value (success), for `task-succeeded`.
+    #[serde(default)]
+    pub result: Option<String>,
+    #[serde(default)]
+    pub runtime: Option<f64>,
+    /// `saferepr` of the exception and the traceback (failure, retry), for events.
+    #[serde(default)]
+    pub exception: Option<String>,
+    #[serde(default)]
+    pub traceback: Option<String>,
     /// The child leaves after this job (`--max-tasks-per-child`, `--max-memory-per-child`).
     #[serde(default)]
     pub exiting: bool,
@@ -113,7 +123,7 @@ impl Pool {
                             Err(e) => {
                                 // Still free the child; settle as a failure of unknown cause.
                                 error!("ForkPoolWorker-{index} sent an unreadable report: {e}");
-                                let report = DoneReport { outcome: "failure".into(), requeue: false, exiting: false };
+                                let report = DoneReport { outcome: "failure".into(), ..Default::default() };
                                 let _ = events.send(PoolEvent::Done { index, report });
                             }
                         }

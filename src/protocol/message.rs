@@ -38,6 +38,8 @@ pub struct TaskMessage {
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub retries: i64,
     pub argsrepr: String,
     pub kwargsrepr: String,
     /// Stamps (`stamps` header), for `revoke_by_stamped_headers`.
@@ -108,6 +110,8 @@ impl TaskMessage {
             expires: when("expires")?,
             root_id: text("root_id"),
             timelimit: timelimit(f.get("timelimit")),
+            parent_id: text("parent_id"),
+            retries: f.get("retries").and_then(Value::as_i64).unwrap_or(0),
             argsrepr: text("argsrepr").unwrap_or_default(),
             kwargsrepr: text("kwargsrepr").unwrap_or_default(),
             stamps: f.get("stamps").and_then(Value::as_object).cloned().unwrap_or_default(),

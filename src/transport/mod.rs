@@ -187,6 +187,15 @@ pub trait Transport: Send + Sync + 'static {
         body: &Value,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
+    /// Publish one event message (a map, or a list for `task.multi`) to the `celeryev`
+    /// exchange: topic on AMQP, fanout (PUBLISH) on Redis, as kombu does.
+    fn publish_event(
+        &self,
+        routing_key: &str,
+        hostname: &str,
+        body: &Value,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
     /// Housekeeping the broker needs while the worker runs (visibility timeouts, ...).
     fn maintain(self: Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()>;
 }

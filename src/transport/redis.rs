@@ -575,6 +575,28 @@ impl Transport for RedisTransport {
         Ok(())
     }
 
+    async fn publish_event(&self, routing_key: &str, hostname: &str, body: &Value) -> Result<(), TransportError> {
+        let db = self.client.get_connection_info().redis.db;
+        let topic = format!("{}/{db}.celeryev/{routing_key}", self.opts.global_keyprefix);
+        let envelope = serde_json::json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(reply_body(body)),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"hostname": hostname},
+            "properties": {
+                "delivery_mode": 1,
+                "delivery_info": {"exchange": "celeryev", "routing_key": routing_key},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            },
+        })
+        .to_string();
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.publish(topic, envelope).await?;
+        Ok(())
+    }
+
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let refresh_every = Duration::from_secs_f64((self.opts.visibility_timeout / 4.0).clamp(1.0, 300.0));

@@ -582,6 +582,23 @@ impl Transport for AmqpTransport {
         Ok(())
     }
 
+    async fn publish_event(&self, routing_key: &str, hostname: &str, body: &Value) -> Result<(), TransportError> {
+        let guard = self.pidbox_channel.lock().await;
+        let (_, channel) = guard.as_ref().ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
+        // `celery.events.event.event_exchange`: topic, durable.
+        let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel.exchange_declare("celeryev", ExchangeKind::Topic, opts, FieldTable::default()).await?;
+        let mut headers = FieldTable::default();
+        headers.insert("hostname".into(), fields::from_json(&Value::from(hostname)));
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_delivery_mode(1)
+            .with_headers(headers);
+        channel.basic_publish("celeryev", routing_key, Default::default(), &reply_body(body), props).await?;
+        Ok(())
+    }
+
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         // Heartbeats are lapin's; nothing else needs tending.
         tokio::spawn(async move {
