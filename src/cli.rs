@@ -140,6 +140,14 @@ pub struct WorkerArgs {
     #[arg(long = "heartbeat-interval", env = "CELERIAC_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<f64>,
 
+    /// Serve /healthz, /readyz and /metrics on this port (off by default).
+    #[arg(long = "http-port", env = "CELERIAC_HTTP_PORT")]
+    pub http_port: Option<u16>,
+
+    /// Address the HTTP endpoint listens on.
+    #[arg(long = "http-bind", env = "CELERIAC_HTTP_BIND", default_value = "0.0.0.0")]
+    pub http_bind: String,
+
     #[command(flatten)]
     pub not_yet: NotYetImplemented,
 }

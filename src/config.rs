@@ -120,6 +120,9 @@ pub struct WorkerSettings {
     /// Worker events (online, heartbeat, offline): off with `--without-heartbeat`.
     pub worker_events: bool,
     pub heartbeat_interval: f64,
+    /// `--http-port` / `--http-bind`: the health and metrics endpoint.
+    pub http_port: Option<u16>,
+    pub http_bind: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +178,8 @@ impl WorkerSettings {
             disable_rate_limits: app.conf.worker_disable_rate_limits,
             worker_events: !worker.without_heartbeat,
             heartbeat_interval: worker.heartbeat_interval.filter(|h| *h > 0.0).unwrap_or(2.0),
+            http_port: worker.http_port,
+            http_bind: worker.http_bind.clone(),
         })
     }
 

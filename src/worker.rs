@@ -12,7 +12,8 @@ use crate::config::{zygote_options, AppInfo, WorkerSettings};
 use crate::consumer::{acker, Channels, Consumer};
 use crate::control::events::Events;
 use crate::embed::interpreter;
-use crate::ops::{banner, logging, pidfile::Pidfile, signals};
+use crate::ops::metrics::Metrics;
+use crate::ops::{banner, http, logging, pidfile::Pidfile, signals};
 use crate::pool::{zygote, Pool};
 use crate::transport::amqp::{AmqpOptions, AmqpTransport};
 use crate::transport::redis::{RedisOptions, RedisTransport};
@@ -211,8 +212,13 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let replier = tokio::spawn(send_replies(transport.clone(), reply_rx));
     let acking = tokio::spawn(acker::run(transport.clone(), settle_rx, window.clone()));
     let pool = Pool::new(zygote, pool_tx);
+    let metrics = Arc::new(Metrics::default());
+    let (http_port, http_bind) = (settings.http_port, settings.http_bind.clone());
+    let http = http_port.map(|port| tokio::spawn(http::serve(http_bind.clone(), port, metrics.clone())));
+    let watcher = tokio::spawn(watch_connection(transport.clone(), metrics.clone()));
     let channels = Channels {
         events,
+        metrics,
         control: control_rx,
         replies: reply_tx,
         app_conf: app.conf_table.clone(),
@@ -231,6 +237,10 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let _ = consuming.await;
     maintenance.abort();
     mailbox.abort();
+    watcher.abort();
+    if let Some(h) = http {
+        h.abort();
+    }
     // The consumer is gone and with it the event sender: let the last events (worker-offline) out.
     let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
     replier.abort();
@@ -265,5 +275,15 @@ async fn send_events<T: Transport>(
         if let Err(e) = transport.publish_event(&routing_key, &hostname, &body).await {
             tracing::debug!("event {routing_key} dropped: {e}");
         }
+    }
+}
+
+/// Keep `/readyz` and the reconnect counter in step with the broker connection.
+async fn watch_connection<T: Transport>(transport: Arc<T>, metrics: Arc<Metrics>) {
+    use std::sync::atomic::Ordering;
+    loop {
+        metrics.broker_connected.store(transport.connected(), Ordering::Relaxed);
+        metrics.broker_reconnects.store(transport.connections().saturating_sub(1), Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

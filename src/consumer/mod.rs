@@ -20,6 +20,7 @@ use crate::config::{TaskOptions, WorkerSettings};
 use crate::control::events::Events;
 use crate::control::revoked::RevokedSet;
 use crate::control::{ControlRequest, ReplyTo};
+use crate::ops::metrics::Metrics;
 use crate::ops::signals::Stop;
 use crate::pool::frame::{self, Kind};
 use crate::pool::{DoneReport, ExitStatus, Pool, PoolEvent};
@@ -68,6 +69,7 @@ pub struct Consumer {
     app_conf: serde_json::Value,
     broker_info: serde_json::Value,
     events: Events,
+    metrics: Arc<Metrics>,
     next_heartbeat: tokio::time::Instant,
     /// Tasks finished (`processed` in heartbeats).
     processed: u64,
@@ -81,6 +83,7 @@ pub type Reply = (ReplyTo, String, u64, serde_json::Value);
 
 pub struct Channels {
     pub events: Events,
+    pub metrics: Arc<Metrics>,
     pub control: mpsc::Receiver<ControlEvent>,
     pub replies: mpsc::UnboundedSender<Reply>,
     pub app_conf: serde_json::Value,
@@ -124,6 +127,7 @@ impl Consumer {
             app_conf: ch.app_conf,
             broker_info: ch.broker_info,
             events: ch.events,
+            metrics: ch.metrics,
             next_heartbeat: tokio::time::Instant::now(),
             processed: 0,
             startup_failures: 0,
@@ -194,6 +198,7 @@ impl Consumer {
             }
             self.dispatch().await;
             self.events.flush();
+            self.update_gauges();
             match self.stopping {
                 Some(Stop::Cold) => return self.finish(Stop::Cold, 1).await,
                 Some(warm @ Stop::Warm { exit_code }) if self.active.is_empty() && self.ready.is_empty() => {
@@ -233,6 +238,7 @@ impl Consumer {
             "eta": message.eta.map(|t| t.to_rfc3339()), "expires": message.expires.map(|t| t.to_rfc3339()),
         });
         self.events.task(&mut self.clock, "task-received", fields);
+        self.metrics.task(&message.name, "received");
         let request = Request::new(delivery, message, options);
         if let Some(why) = self.revoked_reason(&request) {
             return self.discard_revoked(request, why);
@@ -263,7 +269,8 @@ impl Consumer {
     }
 
     /// A request that may run now, unless its task's rate limit makes it wait.
-    fn make_ready(&mut self, request: Request) {
+    fn make_ready(&mut self, mut request: Request) {
+        request.ready_since = tokio::time::Instant::now();
         let rate = if self.settings.disable_rate_limits { None } else { request.options.rate_per_second() };
         let admitted = match rate {
             Some(rate) => {
@@ -406,6 +413,7 @@ impl Consumer {
         let fields =
             json!({"uuid": request.message.id, "terminated": false, "signum": null, "expired": why == "expired"});
         self.events.task(&mut self.clock, "task-revoked", fields);
+        self.metrics.task(&request.message.name, "revoked");
         let record = json!({
             "reason": "revoked",
             "why": why,
@@ -415,6 +423,21 @@ impl Consumer {
         });
         self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
         self.ready.push_back(Job::Record(record));
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        Metrics::set(
+            &m.prefetched,
+            self.ready.iter().filter(|j| j.task().is_some()).count() + self.rate_limits.iter().count(),
+        );
+        Metrics::set(&m.eta_waiting, self.eta.iter().count());
+        Metrics::set(&m.active, self.active.len());
+        Metrics::set(&m.children_alive, self.pool.ready_count());
+        m.children_ready.store(
+            self.stopping.is_none() && self.pool.ready_count() >= self.settings.concurrency,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// `worker-heartbeat` every `freq` seconds (`celery/worker/heartbeat.py`).
@@ -496,6 +519,8 @@ impl Consumer {
                 request.start_clocks(self.settings.time_limit, self.settings.soft_time_limit);
                 *self.totals.entry(request.message.name.clone()).or_default() += 1;
                 self.events.task(&mut self.clock, "task-started", json!({"uuid": request.message.id}));
+                self.metrics.task(&request.message.name, "started");
+                self.metrics.queue_wait(&request.message.name, request.ready_since.elapsed().as_secs_f64());
                 // Early ack: the child is idle, so it starts the task now (`Request.on_accepted`).
                 if !request.options.acks_late {
                     self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
@@ -551,6 +576,7 @@ impl Consumer {
                     }
                 }
                 if self.stopping.is_none() && self.pool.len() < self.settings.concurrency {
+                    self.metrics.child_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = self.pool.spawn_child().await {
                         error!("Could not replace ForkPoolWorker-{index}: {e}");
                     }
@@ -599,6 +625,10 @@ impl Consumer {
         };
         if let Some((kind, fields)) = event {
             self.events.task(&mut self.clock, kind, fields);
+            self.metrics.task(&request.message.name, kind.trim_start_matches("task-"));
+        }
+        if let Some(runtime) = report.runtime {
+            self.metrics.runtime(&request.message.name, runtime);
         }
         let frees = !request.eta_bumped;
         let tag = request.delivery.tag.clone();

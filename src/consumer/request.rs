@@ -27,6 +27,8 @@ pub struct Request {
     pub terminated: Option<i32>,
     /// When it started in a child (epoch seconds), for `inspect active`.
     pub time_start: Option<f64>,
+    /// When it became ready to run (receipt, or its ETA), for the queue-wait metric.
+    pub ready_since: tokio::time::Instant,
 }
 
 impl Request {
@@ -43,6 +45,7 @@ impl Request {
             timed_out: false,
             terminated: None,
             time_start: None,
+            ready_since: tokio::time::Instant::now(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! Process-level concerns: logging, signals, pidfile, the start-up banner.
 
 pub mod banner;
+pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod pidfile;
 pub mod signals;

@@ -196,6 +196,12 @@ pub trait Transport: Send + Sync + 'static {
         body: &Value,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
+    /// Is the consuming connection up right now (for `/readyz`)?
+    fn connected(&self) -> bool;
+
+    /// How many consuming connections were established so far (1 + reconnects).
+    fn connections(&self) -> u64;
+
     /// Housekeeping the broker needs while the worker runs (visibility timeouts, ...).
     fn maintain(self: Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()>;
 }

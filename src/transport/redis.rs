@@ -81,6 +81,8 @@ pub struct RedisTransport {
     opts: RedisOptions,
     held: Mutex<HashMap<String, Held>>,
     restore: Script,
+    consuming: std::sync::atomic::AtomicBool,
+    connections: std::sync::atomic::AtomicU64,
 }
 
 /// kombu's `redis+socket://` is the redis crate's `redis+unix://`.
@@ -210,6 +212,8 @@ impl RedisTransport {
             opts,
             held: Mutex::new(HashMap::new()),
             restore: Script::new(RESTORE_SCRIPT),
+            consuming: Default::default(),
+            connections: Default::default(),
         })
     }
 
@@ -383,6 +387,8 @@ impl Transport for RedisTransport {
                         Ok(c) => {
                             conn = Some(c);
                             backoff = Duration::from_millis(100);
+                            self.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
+                            self.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         Err(e) => {
                             error!(
@@ -408,6 +414,7 @@ impl Transport for RedisTransport {
                     Ok(None) => continue,
                     Err(e) => {
                         error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
+                        self.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
                         conn = None;
                         continue;
                     }
@@ -595,6 +602,14 @@ impl Transport for RedisTransport {
         let mut conn = self.conn.clone();
         let _: i64 = conn.publish(topic, envelope).await?;
         Ok(())
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn connected(&self) -> bool {
+        self.consuming.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {

@@ -58,6 +58,9 @@ pub struct AmqpTransport {
     consumer_tags: Mutex<Vec<String>>,
     /// The remote-control connection's channel, also used to publish replies.
     pidbox_channel: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    /// Consumers are up on a live connection.
+    consuming: std::sync::atomic::AtomicBool,
+    connections: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +156,8 @@ impl AmqpTransport {
             queues: Mutex::new(Vec::new()),
             consumer_tags: Mutex::new(Vec::new()),
             pidbox_channel: tokio::sync::Mutex::new(None),
+            consuming: Default::default(),
+            connections: Default::default(),
         };
         let session = t.open_session(0).await?;
         *t.session.lock().await = Some(session);
@@ -374,6 +379,8 @@ impl Transport for AmqpTransport {
                     session.epoch
                 };
                 drop(tx);
+                self.consuming.store(true, Ordering::Relaxed);
+                self.connections.fetch_add(1, Ordering::Relaxed);
                 if epoch > 1 {
                     info!("Connected to {}", self.display);
                 }
@@ -413,6 +420,7 @@ impl Transport for AmqpTransport {
                         _ = stop.changed() => return,
                     }
                 }
+                self.consuming.store(false, Ordering::Relaxed);
                 // The broker requeues everything this connection held.
                 *self.session.lock().await = None;
                 self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -597,6 +605,14 @@ impl Transport for AmqpTransport {
             .with_headers(headers);
         channel.basic_publish("celeryev", routing_key, Default::default(), &reply_body(body), props).await?;
         Ok(())
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn connected(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
     }
 
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
