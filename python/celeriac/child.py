@@ -111,6 +111,12 @@ class Child:
         request = meta["headers"]
         content_type, content_encoding = meta["content_type"], meta["content_encoding"]
         try:
+            compression = request.get("compression") if isinstance(request, dict) else None
+            if compression:
+                # kombu's Message decompresses before anything decodes (`task_compression`).
+                from kombu.compression import decompress
+
+                body = decompress(body, compression)
             if meta.get("proto") == 1:
                 decoded = loads_message(body, content_type, content_encoding, accept=self.accept)
                 from celery.worker.strategy import hybrid_to_proto2

@@ -221,7 +221,11 @@ def start_worker(app, hostname, options, level):
     from celery import signals
     from celery.app import trace
 
+    from celery.platforms import check_privileges
+
     app.log.setup(level, None, True, "WARNING", hostname=hostname)
+    # As `celery worker`: refuse to run as root with pickle accepted, unless C_FORCE_ROOT.
+    check_privileges(app.conf.accept_content)
     shim = WorkerShim(app, hostname, options)
     signals.celeryd_init.send(sender=hostname, instance=shim, conf=app.conf, options=options)
     app.loader.init_worker()

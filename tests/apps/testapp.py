@@ -2,6 +2,7 @@
 
 import os
 import time
+import uuid
 
 from celery import Celery
 from celery.exceptions import Reject
@@ -15,6 +16,8 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("TESTAPP_PREFETCH_MULTIPLIER", "4")),
     worker_cancel_long_running_tasks_on_connection_loss=os.environ.get("TESTAPP_CANCEL_ON_LOSS") == "1",
     worker_disable_rate_limits=os.environ.get("TESTAPP_DISABLE_RATE_LIMITS") == "1",
+    accept_content=os.environ.get("TESTAPP_ACCEPT", "json").split(","),
+    task_track_started=os.environ.get("TESTAPP_TRACK_STARTED") == "1",
 )
 if os.environ.get("TESTAPP_TRANSPORT_OPTIONS"):
     import json
@@ -269,3 +272,42 @@ def segfault():
     import ctypes
 
     ctypes.string_at(0)
+
+
+@app.task
+def types_echo(when, ident, amount, raw):
+    """kombu's JSON type markers survive the trip: datetime, UUID, Decimal, bytes."""
+    import datetime
+    import decimal
+
+    assert isinstance(when, datetime.datetime), type(when)
+    assert isinstance(ident, uuid.UUID), type(ident)
+    assert isinstance(amount, decimal.Decimal), type(amount)
+    assert isinstance(raw, bytes), type(raw)
+    return [when.isoformat(), str(ident), str(amount + 1), raw.decode()]
+
+
+@app.task(bind=True)
+def progress(self, steps):
+    for i in range(steps):
+        self.update_state(state="PROGRESS", meta={"done": i + 1, "of": steps})
+        time.sleep(0.3)
+    return steps
+
+
+@app.task(bind=True)
+def replaced(self, x):
+    raise self.replace(add.s(x, 100))
+
+
+@app.task
+def ignore_me():
+    from celery.exceptions import Ignore
+
+    raise Ignore()
+
+
+@app.task
+def on_error(request, exc, traceback):
+    """A new-style errback: called inline in the worker with the failed request."""
+    _redis().set(f"errback:{request.id}", repr(exc))

@@ -1,0 +1,102 @@
+"""Content types, compression and the task API surface that runs in the child: states,
+replace, Ignore, link/link_error, chord errors (issue: Step 3, points 9, 11, 12)."""
+
+import datetime
+import decimal
+import time
+import uuid
+
+import pytest
+from celery import chord, group
+from celery.exceptions import ChordError
+
+import testapp
+
+WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
+
+
+@pytest.mark.parametrize("compression", ["zlib", "bzip2"])
+def test_compressed_bodies(worker, compression):
+    worker(WORKER).wait_ready()
+    assert testapp.add.apply_async((20, 22), compression=compression).get(timeout=10) == 42
+
+
+def test_kombu_json_type_markers(worker):
+    worker(WORKER).wait_ready()
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5)
+    ident = uuid.UUID(int=5)
+    out = testapp.types_echo.delay(when, ident, decimal.Decimal("1.5"), b"\x00\x01").get(timeout=10)
+    assert out == ["2024-01-02T03:04:05", str(ident), "2.5", "\x00\x01"]
+
+
+def test_pickle_when_accepted(worker):
+    worker(WORKER, env={"TESTAPP_ACCEPT": "json,pickle", "C_FORCE_ROOT": "1"}).wait_ready()
+    assert testapp.add.apply_async((40, 2), serializer="pickle").get(timeout=10) == 42
+
+
+def test_pickle_refused_when_not_accepted(worker):
+    w = worker(WORKER).wait_ready()
+    r = testapp.add.apply_async((1, 1), serializer="pickle")
+    w.wait_for("Refusing to deserialize untrusted content of type application/x-python-serialize")
+    assert r.state == "PENDING"
+    assert testapp.add.delay(2, 2).get(timeout=10) == 4
+
+
+def test_root_with_pickle_is_refused_as_stock(worker):
+    import os
+
+    if os.getuid() != 0:
+        pytest.skip("only root is refused")
+    w = worker(WORKER, env={"TESTAPP_ACCEPT": "json,pickle", "C_FORCE_ROOT": ""})
+    assert w.wait_exit(30) == 1
+    assert "pickle" in w.log().lower() and "root" in w.log().lower()
+
+
+def test_track_started_and_custom_states(worker):
+    worker(WORKER, env={"TESTAPP_TRACK_STARTED": "1"}).wait_ready()
+    r = testapp.sleep.delay(1)
+    deadline = time.time() + 5
+    while r.state != "STARTED" and time.time() < deadline:
+        time.sleep(0.02)
+    assert r.state == "STARTED"
+    assert r.get(timeout=10) == 1
+    p = testapp.progress.delay(3)
+    seen = set()
+    while not p.ready():
+        if p.state == "PROGRESS":
+            seen.add(p.info["done"])
+        time.sleep(0.05)
+    assert p.get() == 3 and seen and seen <= {1, 2, 3}
+
+
+def test_replace_and_ignore(worker):
+    worker(WORKER).wait_ready()
+    assert testapp.replaced.delay(5).get(timeout=10) == 105
+    r = testapp.ignore_me.delay()
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+    time.sleep(0.3)
+    assert r.state == "PENDING"  # Ignore stores nothing
+
+
+def test_link_and_link_error(worker):
+    worker(WORKER).wait_ready()
+    r = testapp.add.apply_async((1, 1), link=testapp.add.s(10))
+    assert r.get(timeout=10) == 2
+    child = r.children[0]
+    assert child.get(timeout=10) == 12
+    bad = testapp.fail.apply_async(("nope",), link_error=testapp.on_error.s())
+    with pytest.raises(testapp.TestError):
+        bad.get(timeout=10)
+    deadline = time.time() + 10
+    while testapp._redis().get(f"errback:{bad.id}") is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert b"nope" in testapp._redis().get(f"errback:{bad.id}")
+
+
+def test_nested_workflow_and_chord_error(worker):
+    worker(WORKER).wait_ready()
+    nested = chord(group(testapp.add.s(i, i) for i in range(3)), testapp.echo.s())
+    assert nested().get(timeout=20) == {"args": [[0, 2, 4]], "kwargs": {}}
+    broken = chord([testapp.add.s(1, 1), testapp.fail.s("in chord")], testapp.echo.s())
+    with pytest.raises((ChordError, testapp.TestError)):
+        broken().get(timeout=20)
