@@ -9,6 +9,8 @@ import struct
 # supervisor -> zygote
 FORK = 1  # payload: json {"index": n}; one fd (the child's end of its socketpair) rides along
 SAVE_STATE = 6  # payload: json {"revoked": [...], "clock": n}; write the --statedb file
+WORKER_SIGNAL = 7  # payload: json {"signal": "worker_ready" | "worker_shutting_down" | "worker_shutdown", ...}
+SIGNAL_SENT = 8  # zygote -> supervisor, payload: json {"signal": name}: its handlers have run
 # zygote -> supervisor
 BOOTSTRAP = 2  # payload: json, the app's configuration and task registry
 FORKED = 3  # payload: json {"index": n, "pid": p}

@@ -283,6 +283,10 @@ def _serve(control, app, hostname, options, statedb):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # A stream: frames may arrive split or several at once; the fd of each FORK frame rides
+    # along with its bytes (SCM_RIGHTS), in order.
+    buffer, pending_fds = b"", []
+    shim = WorkerShim(app, hostname, options)
     while True:
         try:
             ready, _, _ = select.select([control, wake_r], [], [])
@@ -291,39 +295,68 @@ def _serve(control, app, hostname, options, statedb):
         if wake_r in ready:
             os.read(wake_r, 512)
             _reap(control)
-        if control in ready:
-            try:
-                msg, fds, _flags, _addr = socket.recv_fds(control, 4096, 1)
-            except ConnectionResetError:
-                msg, fds = b"", []
-            if not msg:
-                return 0  # the supervisor is gone or done: children die with us (pdeathsig)
-            kind = msg[4]
-            if kind == frames.SAVE_STATE:
+        if control not in ready:
+            continue
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(control, 65536, 16)
+        except ConnectionResetError:
+            msg, fds = b"", []
+        if not msg:
+            return 0  # the supervisor is gone or done: children die with us (pdeathsig)
+        buffer += msg
+        pending_fds.extend(fds)
+        while len(buffer) >= 5:
+            length = int.from_bytes(buffer[:4], "big")
+            if len(buffer) < 4 + length:
+                break
+            kind, payload, buffer = buffer[4], buffer[5:4 + length], buffer[4 + length:]
+            if kind == frames.FORK and pending_fds:
+                _fork_child(json.loads(payload)["index"], pending_fds.pop(0), control, (wake_r, wake_w),
+                            app, hostname, options)
+            elif kind == frames.SAVE_STATE:
                 try:
-                    state = json.loads(msg[5:])
+                    state = json.loads(payload)
                     statedb.save(state.get("revoked", []), state.get("clock", 0))
                 except Exception:
                     logger.exception("Could not save the worker state to %s", statedb.filename)
-            elif kind == frames.FORK and fds:
-                index = json.loads(msg[5:])["index"]
-                pid = os.fork()
-                if pid == 0:
-                    signal.set_wakeup_fd(-1)
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    os.close(wake_r)
-                    os.close(wake_w)
-                    control.close()
-                    from celeriac import child
+            elif kind == frames.WORKER_SIGNAL:
+                event = json.loads(payload)
+                _send_worker_signal(event, shim)
+                _send(control, frames.SIGNAL_SENT, {"signal": event.get("signal")})
 
-                    code = child.run(fds[0], index, app, hostname, options)
-                    logging.shutdown()
-                    os._exit(code)
-                os.close(fds[0])
-                _send(control, frames.FORKED, {"index": index, "pid": pid})
-            else:
-                for fd in fds:
-                    os.close(fd)
+
+def _fork_child(index, fd, control, wake, app, hostname, options):
+    pid = os.fork()
+    if pid == 0:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for w in wake:
+            os.close(w)
+        control.close()
+        from celeriac import child
+
+        code = child.run(fd, index, app, hostname, options)
+        logging.shutdown()
+        os._exit(code)
+    os.close(fd)
+    _send(control, frames.FORKED, {"index": index, "pid": pid})
+
+
+def _send_worker_signal(event, shim):
+    """MainProcess signals, sent where the app's MainProcess-level Python lives: here."""
+    from celery import signals
+
+    name = event.get("signal")
+    try:
+        if name == "worker_ready":
+            signals.worker_ready.send(sender=shim)
+        elif name == "worker_shutting_down":
+            signals.worker_shutting_down.send(sender=shim.hostname, sig=event.get("sig"), how=event.get("how"),
+                                              exitcode=event.get("exitcode"))
+        elif name == "worker_shutdown":
+            signals.worker_shutdown.send(sender=shim)
+    except Exception:
+        logger.exception("A %s signal handler raised", name)
 
 
 def _reap(control):

@@ -73,6 +73,10 @@ pub struct Consumer {
     next_heartbeat: tokio::time::Instant,
     /// Tasks finished (`processed` in heartbeats).
     processed: u64,
+    /// MainProcess signals for the zygote to send (`worker_ready`, `worker_shutting_down`).
+    worker_signals: Vec<serde_json::Value>,
+    /// `worker_shutting_down` was sent and its handlers have not reported done yet.
+    shutting_down_pending: bool,
     startup_failures: u32,
     announced_ready: bool,
     stopping: Option<Stop>,
@@ -130,6 +134,8 @@ impl Consumer {
             metrics: ch.metrics,
             next_heartbeat: tokio::time::Instant::now(),
             processed: 0,
+            worker_signals: Vec::new(),
+            shutting_down_pending: false,
             startup_failures: 0,
             announced_ready: false,
             stopping: None,
@@ -198,6 +204,7 @@ impl Consumer {
             }
             self.dispatch().await;
             self.events.flush();
+            self.send_worker_signals().await;
             self.update_gauges();
             match self.stopping {
                 Some(Stop::Cold) => return self.finish(Stop::Cold, 1).await,
@@ -456,6 +463,7 @@ impl Consumer {
             self.next_heartbeat =
                 tokio::time::Instant::now() + std::time::Duration::from_secs_f64(self.events.freq.max(0.1));
             info!("{} ready.", self.settings.hostname);
+            self.worker_signals.push(json!({"signal": "worker_ready"}));
         }
     }
 
@@ -591,6 +599,7 @@ impl Consumer {
                     error!("Process pid:{pid} exited with '{status}'");
                 }
             }
+            PoolEvent::SignalSent => self.shutting_down_pending = false,
             PoolEvent::ZygoteGone => {
                 if self.stopping.is_none() {
                     error!("The zygote process died: no pool children can be started. Stopping.");
@@ -770,7 +779,25 @@ impl Consumer {
         }
     }
 
+    async fn send_worker_signals(&mut self) {
+        for event in std::mem::take(&mut self.worker_signals) {
+            if let Err(e) = self.pool.zygote().worker_signal(&event).await {
+                warn!("Could not send {} to the zygote: {e}", event["signal"]);
+            }
+        }
+    }
+
     fn begin_stop(&mut self, stop: Stop) {
+        if self.stopping.is_none() {
+            let (how, exitcode) = match stop {
+                Stop::Warm { exit_code } => ("Warm", exit_code),
+                Stop::Cold => ("Cold", 1),
+            };
+            // Sent at once, as stock's signal handler does; `finish` waits for its handlers
+            // to have run before it stops the children.
+            self.worker_signals.push(json!({"signal": "worker_shutting_down", "how": how, "exitcode": exitcode}));
+            self.shutting_down_pending = true;
+        }
         match stop {
             Stop::Warm { .. } if self.stopping.is_none() => {
                 info!("worker: Warm shutdown (MainProcess)");
@@ -823,6 +850,16 @@ impl Consumer {
 
     async fn finish(mut self, how: Stop, exit_code: i32) -> i32 {
         let _ = self.stop_consuming.send(true);
+        // `worker_shutting_down` handlers run before any child is told to stop, as stock.
+        self.send_worker_signals().await;
+        if self.shutting_down_pending {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
+                if matches!(event, PoolEvent::SignalSent | PoolEvent::ZygoteGone) {
+                    break;
+                }
+            }
+        }
         if how == Stop::Cold {
             // Running acks_late tasks were never acked: give them back for redelivery.
             for (_, job) in self.active.drain() {
@@ -851,6 +888,8 @@ impl Consumer {
         self.events.flush();
         let (active, processed) = (self.active.len(), self.processed);
         self.events.worker(&mut self.clock, "worker-offline", active, processed);
+        self.worker_signals.push(json!({"signal": "worker_shutdown"}));
+        self.send_worker_signals().await;
         let state = json!({"revoked": self.revoked.ids(), "clock": self.clock});
         if let Err(e) = self.pool.zygote().save_state(&state).await {
             warn!("Could not save the worker state: {e}");

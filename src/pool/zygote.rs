@@ -116,6 +116,9 @@ impl PendingZygote {
                     Ok(Some((Kind::Forked, payload))) => {
                         debug!("zygote forked {}", String::from_utf8_lossy(&payload))
                     }
+                    Ok(Some((Kind::SignalSent, _))) => {
+                        let _ = events.send(PoolEvent::SignalSent);
+                    }
                     Ok(Some((Kind::Exited, payload))) => match serde_json::from_slice::<ExitReport>(&payload) {
                         Ok(r) => {
                             let _ = events.send(PoolEvent::Exited { pid: r.pid, status: r.status });
@@ -170,9 +173,18 @@ impl Zygote {
 
     /// Ask the zygote to write the `--statedb` file (it is celery's shelve format).
     pub async fn save_state(&mut self, state: &serde_json::Value) -> std::io::Result<()> {
+        self.send(Kind::SaveState, state).await
+    }
+
+    /// Have the zygote send a MainProcess signal (`worker_ready`, `worker_shutdown`, ...).
+    pub async fn worker_signal(&mut self, event: &serde_json::Value) -> std::io::Result<()> {
+        self.send(Kind::WorkerSignal, event).await
+    }
+
+    async fn send(&mut self, kind: Kind, payload: &serde_json::Value) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
         let writer = self.writer.as_mut().ok_or_else(|| std::io::Error::other("zygote closed"))?;
-        writer.write_all(&frame::encode(Kind::SaveState, state.to_string().as_bytes())).await
+        writer.write_all(&frame::encode(kind, payload.to_string().as_bytes())).await
     }
 
     /// Close the control socket: the zygote exits, and with it any child still alive.

@@ -47,6 +47,28 @@ if os.environ.get("TESTAPP_SPECIAL_QUEUES"):
 _events = {"process_init": 0}
 
 
+def _log_signal(name):
+    """Append the signal name (and the process) to $TESTAPP_SIGNAL_LOG, if set."""
+    path = os.environ.get("TESTAPP_SIGNAL_LOG")
+    if path:
+        import multiprocessing
+
+        with open(path, "a") as f:
+            f.write(f"{name} {multiprocessing.current_process().name} {os.getpid()}\n")
+
+
+def _connect_signal_log():
+    from celery import signals
+
+    for name in ("worker_init", "worker_process_init", "worker_ready", "worker_shutting_down",
+                 "worker_shutdown", "worker_process_shutdown", "task_prerun", "task_postrun",
+                 "task_success", "task_failure"):
+        getattr(signals, name).connect(lambda *a, _n=name, **k: _log_signal(_n), weak=False)
+
+
+_connect_signal_log()
+
+
 @worker_process_init.connect
 def _on_process_init(**kwargs):
     _events["process_init"] += 1
