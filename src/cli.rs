@@ -148,6 +148,19 @@ pub struct WorkerArgs {
     #[arg(long = "http-bind", env = "CELERIAC_HTTP_BIND", default_value = "0.0.0.0")]
     pub http_bind: String,
 
+    /// Warm shutdown waits at most this many seconds for running tasks; then `acks_late`
+    /// tasks go back to the queue and the others are marked failed (default: wait forever).
+    #[arg(long = "shutdown-timeout", env = "CELERIAC_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<f64>,
+
+    /// Log to this file instead of stderr (children too).
+    #[arg(short = 'f', long = "logfile", env = "CELERIAC_LOGFILE")]
+    pub logfile: Option<std::path::PathBuf>,
+
+    /// `text` (Celery's format) or `json` (one object per line, for log shippers).
+    #[arg(long = "log-format", env = "CELERIAC_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::ops::logging::LogFormat,
+
     #[command(flatten)]
     pub not_yet: NotYetImplemented,
 }
@@ -157,8 +170,6 @@ pub struct WorkerArgs {
 pub struct NotYetImplemented {
     #[arg(short = 'D', long = "detach", env = "CELERIAC_DETACH", hide = true)]
     pub detach: bool,
-    #[arg(short = 'f', long = "logfile", env = "CELERIAC_LOGFILE", hide = true)]
-    pub logfile: Option<String>,
     #[arg(long = "uid", env = "CELERIAC_UID", hide = true)]
     pub uid: Option<String>,
     #[arg(long = "gid", env = "CELERIAC_GID", hide = true)]
@@ -197,7 +208,6 @@ impl NotYetImplemented {
             }
         };
         note(self.detach, "--detach");
-        note(self.logfile.is_some(), "--logfile");
         note(self.uid.is_some(), "--uid");
         note(self.gid.is_some(), "--gid");
         note(self.umask.is_some(), "--umask");

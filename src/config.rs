@@ -43,6 +43,9 @@ pub struct AppConf {
     #[serde(default)]
     pub broker_transport_options: Map<String, Value>,
     pub broker_heartbeat: Option<f64>,
+    /// `broker_use_ssl` as a mapping (`ca_certs`, `certfile`, `keyfile`, `cert_reqs`).
+    #[serde(default)]
+    pub broker_use_ssl: Option<Map<String, Value>>,
     pub broker_connection_timeout: Option<f64>,
     pub broker_connection_max_retries: Option<u32>,
     #[serde(default)]
@@ -123,6 +126,8 @@ pub struct WorkerSettings {
     /// `--http-port` / `--http-bind`: the health and metrics endpoint.
     pub http_port: Option<u16>,
     pub http_bind: String,
+    /// `--shutdown-timeout`: how long a warm shutdown waits for running tasks.
+    pub shutdown_timeout: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +185,7 @@ impl WorkerSettings {
             heartbeat_interval: worker.heartbeat_interval.filter(|h| *h > 0.0).unwrap_or(2.0),
             http_port: worker.http_port,
             http_bind: worker.http_bind.clone(),
+            shutdown_timeout: worker.shutdown_timeout.filter(|t| *t >= 0.0),
         })
     }
 
@@ -228,6 +234,8 @@ pub fn zygote_options(cli: &Cli, worker: &WorkerArgs) -> Value {
         "max_tasks_per_child": worker.max_tasks_per_child,
         "max_memory_per_child": worker.max_memory_per_child,
         "statedb": worker.statedb,
+        "logfile": worker.logfile,
+        "log_format": if worker.log_format == crate::ops::logging::LogFormat::Json { "json" } else { "text" },
     })
 }
 

@@ -27,7 +27,10 @@ const CONNECT_RETRIES: u32 = 100;
 
 /// Entry point; returns the process exit code. Must run before any thread is started.
 pub fn run(cli: &Cli, worker: &WorkerArgs) -> i32 {
-    logging::init(&worker.loglevel);
+    if let Err(e) = logging::init(&worker.loglevel, worker.log_format, worker.logfile.as_deref()) {
+        eprintln!("celeriac: cannot open the log file: {e}");
+        return 1;
+    }
     if let Some(dir) = &cli.workdir {
         if let Err(e) = std::env::set_current_dir(dir) {
             error!("Cannot change to --workdir {}: {e}", dir.display());
@@ -113,6 +116,12 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
         "amqp" | "pyamqp" | "amqps" | "pyamqps" | "librabbitmq" => {
             let conf = &parts.app.conf;
             let opts = AmqpOptions {
+                tls_ca_file: conf
+                    .broker_use_ssl
+                    .as_ref()
+                    .and_then(|s| s.get("ca_certs"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned),
                 heartbeat: conf.broker_heartbeat.map(|h| h as u16),
                 connect_timeout_ms: conf.broker_connection_timeout.map(|t| (t * 1000.0) as u64),
                 max_retries: conf.broker_connection_max_retries,

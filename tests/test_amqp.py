@@ -165,3 +165,40 @@ def test_without_cancel_a_running_acks_late_task_finishes_and_runs_again(worker,
     w.wait_for("can't be acknowledged after the connection loss")
     assert r.get(timeout=30) == 2
     wait_marker(marker, 2)  # at least once: the broker redelivered it
+
+
+@pytest.fixture
+def tls_proxy(tmp_path):
+    """A TLS endpoint in front of RabbitMQ (socat), with a certificate from a CA of our own."""
+    import shutil
+    import socket
+
+    if not shutil.which("socat") or not shutil.which("openssl"):
+        pytest.fail("socat and openssl are needed for the amqps test (.ci/run installs them)")
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=celeriac test CA")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = subprocess.Popen(["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={cert},key={key},verify=0",
+                              "TCP:127.0.0.1:5672"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    yield port, ca
+    proxy.terminate()
+    proxy.wait(10)
+
+
+def test_amqps_with_the_apps_ca(worker, broker, tls_proxy):
+    port, ca = tls_proxy
+    url = f"amqps://guest:guest@127.0.0.1:{port}/celeriac-test"
+    w = worker(WORKER, env={"CELERIAC_TEST_BROKER": url, "TESTAPP_BROKER_CA": str(ca)}).wait_ready()
+    assert f"amqps://guest:**@127.0.0.1:{port}/celeriac-test" in w.log()
+    assert testapp.add.delay(20, 22).get(timeout=15) == 42  # produced over plain AMQP, same vhost
+    assert testapp.app.control.ping(timeout=2)  # the mailbox connection is TLS too

@@ -65,6 +65,8 @@ def _apply_environment(options):
     os.environ["CELERY_LOG_LEVEL"] = str(level)
     os.environ["CELERY_LOG_REDIRECT"] = "1"
     os.environ["CELERY_LOG_REDIRECT_LEVEL"] = "WARNING"
+    if options.get("logfile"):
+        os.environ["CELERY_LOG_FILE"] = str(options["logfile"])
     return level
 
 
@@ -173,6 +175,7 @@ def bootstrap_info(app, hostname, options):
             "broker_transport_options": _json_safe(conn.transport_options or {}),
             "task_acks_late": bool(conf.task_acks_late),
             "broker_heartbeat": conf.broker_heartbeat,
+            "broker_use_ssl": _json_safe(conf.broker_use_ssl) if isinstance(conf.broker_use_ssl, dict) else None,
             "broker_connection_timeout": conf.broker_connection_timeout,
             "broker_connection_max_retries": conf.broker_connection_max_retries,
             "worker_disable_rate_limits": bool(conf.worker_disable_rate_limits),
@@ -223,7 +226,11 @@ def start_worker(app, hostname, options, level):
 
     from celery.platforms import check_privileges
 
-    app.log.setup(level, None, True, "WARNING", hostname=hostname)
+    app.log.setup(level, options.get("logfile"), True, "WARNING", hostname=hostname)
+    if options.get("log_format") == "json":
+        from celeriac import jsonlog
+
+        jsonlog.install()
     # As `celery worker`: refuse to run as root with pickle accepted, unless C_FORCE_ROOT.
     check_privileges(app.conf.accept_content)
     shim = WorkerShim(app, hostname, options)
@@ -319,6 +326,11 @@ def _serve(control, app, hostname, options, statedb):
                     statedb.save(state.get("revoked", []), state.get("clock", 0))
                 except Exception:
                     logger.exception("Could not save the worker state to %s", statedb.filename)
+            elif kind == frames.RECORD:
+                # Outcomes left when no pool child remains (shutdown deadline): same code.
+                from celeriac import child
+
+                child.Child(None, app, hostname).mark_failure(json.loads(payload))
             elif kind == frames.WORKER_SIGNAL:
                 event = json.loads(payload)
                 _send_worker_signal(event, shim)

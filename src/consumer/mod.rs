@@ -77,6 +77,8 @@ pub struct Consumer {
     worker_signals: Vec<serde_json::Value>,
     /// `worker_shutting_down` was sent and its handlers have not reported done yet.
     shutting_down_pending: bool,
+    /// `--shutdown-timeout`: when a warm shutdown stops waiting for running tasks.
+    shutdown_deadline: Option<tokio::time::Instant>,
     startup_failures: u32,
     announced_ready: bool,
     stopping: Option<Stop>,
@@ -136,6 +138,7 @@ impl Consumer {
             processed: 0,
             worker_signals: Vec::new(),
             shutting_down_pending: false,
+            shutdown_deadline: None,
             startup_failures: 0,
             announced_ready: false,
             stopping: None,
@@ -169,6 +172,13 @@ impl Consumer {
                 }
             };
             let heartbeat = tokio::time::sleep_until(self.next_heartbeat);
+            let deadline = self.shutdown_deadline;
+            let deadline_sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let next_limit = self.next_time_limit();
             let limit_sleep = async {
                 match next_limit {
@@ -201,6 +211,7 @@ impl Consumer {
                 _ = limit_sleep => self.enforce_time_limits(),
                 _ = rate_sleep => self.release_rate_limited(),
                 _ = heartbeat, if self.announced_ready => self.send_heartbeat(),
+                _ = deadline_sleep => return self.shutdown_deadline_passed().await,
             }
             self.dispatch().await;
             self.events.flush();
@@ -238,7 +249,7 @@ impl Consumer {
             );
             return self.settle(Settle::Reject(delivery.tag), true);
         }
-        info!("Task {}[{}] received", message.display_name(), message.id);
+        info!(task_id = %message.id, task = %message.name, state = "RECEIVED", "Task {}[{}] received", message.display_name(), message.id);
         let fields = json!({
             "uuid": message.id, "name": message.display_name(), "args": message.argsrepr, "kwargs": message.kwargsrepr,
             "root_id": message.root_id, "parent_id": message.parent_id, "retries": message.retries,
@@ -801,6 +812,10 @@ impl Consumer {
         match stop {
             Stop::Warm { .. } if self.stopping.is_none() => {
                 info!("worker: Warm shutdown (MainProcess)");
+                self.shutdown_deadline = self
+                    .settings
+                    .shutdown_timeout
+                    .map(|t| tokio::time::Instant::now() + std::time::Duration::from_secs_f64(t));
                 let _ = self.stop_consuming.send(true);
                 self.give_back_unstarted();
                 self.stopping = Some(stop);
@@ -846,6 +861,39 @@ impl Consumer {
         if n > 0 {
             info!("Restoring {n} unacknowledged message(s)");
         }
+    }
+
+    /// `--shutdown-timeout` ran out with tasks still running: `acks_late` ones go back to the
+    /// front of their queue, the others (already acked) are marked failed with
+    /// `WorkerLostError`, and the worker exits with the warm shutdown's code.
+    async fn shutdown_deadline_passed(mut self) -> i32 {
+        let exit_code = match self.stopping {
+            Some(Stop::Warm { exit_code }) => exit_code,
+            _ => 0,
+        };
+        let mut records = Vec::new();
+        for (_, job) in self.active.drain() {
+            let Job::Task(r) = job else { continue };
+            warn!("Shutdown timeout: stopping {}[{}] before it finished", r.message.display_name(), r.message.id);
+            if r.options.acks_late {
+                let _ = self.settle.send((Settle::Restore(r.delivery.tag.clone()), !r.eta_bumped));
+            } else {
+                records.push(json!({
+                    "reason": "worker_lost",
+                    "id": r.message.id,
+                    "name": r.message.name,
+                    "detail": "Worker exited prematurely: the warm shutdown timed out.",
+                    "meta": r.child_meta_value(&self.settings.hostname),
+                }));
+            }
+        }
+        self.pool.kill_all();
+        for record in records {
+            if let Err(e) = self.pool.zygote().record(&record).await {
+                error!("Could not record the outcome of task {}: {e}", record["id"]);
+            }
+        }
+        self.finish(Stop::Warm { exit_code }, exit_code).await
     }
 
     async fn finish(mut self, how: Stop, exit_code: i32) -> i32 {

@@ -181,6 +181,11 @@ impl Zygote {
         self.send(Kind::WorkerSignal, event).await
     }
 
+    /// Have the zygote store an outcome record (when no pool child is left to do it).
+    pub async fn record(&mut self, record: &serde_json::Value) -> std::io::Result<()> {
+        self.send(Kind::Record, record).await
+    }
+
     async fn send(&mut self, kind: Kind, payload: &serde_json::Value) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
         let writer = self.writer.as_mut().ok_or_else(|| std::io::Error::other("zygote closed"))?;

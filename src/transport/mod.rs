@@ -143,6 +143,8 @@ pub enum TransportError {
     Amqp(#[from] lapin::Error),
     #[error("not connected to {0}")]
     Disconnected(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// The transport seam. Implementations keep their own record of the deliveries they handed

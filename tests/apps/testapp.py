@@ -19,6 +19,10 @@ app.conf.update(
     accept_content=os.environ.get("TESTAPP_ACCEPT", "json").split(","),
     task_track_started=os.environ.get("TESTAPP_TRACK_STARTED") == "1",
 )
+if os.environ.get("TESTAPP_BROKER_CA"):
+    import ssl
+
+    app.conf.broker_use_ssl = {"ca_certs": os.environ["TESTAPP_BROKER_CA"], "cert_reqs": ssl.CERT_REQUIRED}
 if os.environ.get("TESTAPP_TRANSPORT_OPTIONS"):
     import json
 

@@ -32,6 +32,9 @@ use super::{
 /// Connection settings from the app's configuration (`broker_heartbeat`, ...).
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
+    /// PEM file of the CA to trust for `amqps://` (`broker_use_ssl['ca_certs']`); otherwise
+    /// the system's roots.
+    pub tls_ca_file: Option<String>,
     pub heartbeat: Option<u16>,
     pub connect_timeout_ms: Option<u64>,
     pub max_retries: Option<u32>,
@@ -69,6 +72,8 @@ enum PidboxError {
     NodeInUse,
     #[error(transparent)]
     Broker(#[from] lapin::Error),
+    #[error("{0}")]
+    Other(String),
 }
 
 fn exchange_kind(kind: &str) -> ExchangeKind {
@@ -168,10 +173,21 @@ impl AmqpTransport {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn open_session(&self, attempt: usize) -> Result<Session, TransportError> {
+    /// Connect to the `attempt`-th broker of the failover list (round robin).
+    async fn connect_to(&self, attempt: usize, name: &str) -> Result<Connection, TransportError> {
         let uri = self.uris[attempt % self.uris.len()].clone();
-        let props = ConnectionProperties::default().with_connection_name("celeriac".into());
-        let connection = Connection::connect_uri(uri, props).await?;
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let mut tls = lapin::tcp::OwnedTLSConfig::default();
+        if let Some(path) = &self.options.tls_ca_file {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| TransportError::Tls(format!("cannot read broker_use_ssl ca_certs {path}: {e}")))?;
+            tls.cert_chain = Some(pem);
+        }
+        Ok(Connection::connect_uri_with_config(uri, props, tls).await?)
+    }
+
+    async fn open_session(&self, attempt: usize) -> Result<Session, TransportError> {
+        let connection = self.connect_to(attempt, "celeriac").await?;
         let channel = connection.create_channel().await?;
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(Session { epoch, connection, channel })
@@ -247,9 +263,10 @@ impl AmqpTransport {
     /// Connect the mailbox: the `<ns>.pidbox` fanout exchange and this node's exclusive queue,
     /// declared as kombu declares them, consumed without acks.
     async fn open_pidbox(&self, mailbox: &Mailbox, attempt: usize) -> Result<lapin::Consumer, PidboxError> {
-        let uri = self.uris[attempt % self.uris.len()].clone();
-        let props = ConnectionProperties::default().with_connection_name("celeriac-pidbox".into());
-        let connection = Connection::connect_uri(uri, props).await?;
+        let connection = self.connect_to(attempt, "celeriac-pidbox").await.map_err(|e| match e {
+            TransportError::Amqp(e) => PidboxError::Broker(e),
+            other => PidboxError::Other(other.to_string()),
+        })?;
         let channel = connection.create_channel().await?;
         let transient = ExchangeDeclareOptions { durable: false, ..Default::default() };
         channel.exchange_declare(&mailbox.exchange(), ExchangeKind::Fanout, transient, FieldTable::default()).await?;
@@ -562,7 +579,7 @@ impl Transport for AmqpTransport {
                         let _ = requests.send(ControlEvent::Listening).await;
                         return;
                     }
-                    Err(PidboxError::Broker(e)) => warn!("pidbox: {e}"),
+                    Err(e) => warn!("pidbox: {e}"),
                 }
                 *self.pidbox_channel.lock().await = None;
                 attempt += 1;
