@@ -48,6 +48,8 @@ pub struct AppConf {
     pub broker_use_ssl: Option<Map<String, Value>>,
     pub broker_connection_timeout: Option<f64>,
     pub broker_connection_max_retries: Option<u32>,
+    #[serde(default = "yes")]
+    pub broker_connection_retry_on_startup: bool,
     #[serde(default)]
     pub worker_cancel_long_running_tasks_on_connection_loss: bool,
     #[serde(default)]

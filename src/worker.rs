@@ -170,7 +170,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, TransportError>>,
 {
-    let max = app.conf.broker_connection_max_retries.unwrap_or(CONNECT_RETRIES);
+    let max = if app.conf.broker_connection_retry_on_startup {
+        app.conf.broker_connection_max_retries.unwrap_or(CONNECT_RETRIES)
+    } else {
+        0
+    };
     let mut delay = Duration::from_millis(500);
     let mut attempt = 0;
     loop {

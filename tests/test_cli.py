@@ -91,3 +91,19 @@ def test_pidfile(worker, tmp_path):
     assert second.returncode == 1 and "held by running process" in second.stderr
     assert w.stop() == 0
     assert not pidfile.exists()
+
+
+def test_unreachable_broker_at_start_up(broker):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    for url in (f"redis://127.0.0.1:{port}/0", f"amqp://guest:guest@127.0.0.1:{port}//"):
+        # broker_connection_retry_on_startup=False: one try, one clear error, exit 1.
+        p = run(["-A", "testapp", "worker", "-c", "1"], env={"CELERIAC_TEST_BROKER": url, "TESTAPP_NO_STARTUP_RETRY": "1"})
+        assert p.returncode == 1, p.stderr
+        assert "Cannot connect to" in p.stderr and "Trying again" not in p.stderr
+        # With retries, it says it is retrying, and gives up after broker_connection_max_retries.
+        p = run(["-A", "testapp", "worker", "-c", "1"], env={"CELERIAC_TEST_BROKER": url, "TESTAPP_MAX_RETRIES": "1"})
+        assert p.returncode == 1 and "Trying again in" in p.stderr

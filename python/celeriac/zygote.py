@@ -178,6 +178,10 @@ def bootstrap_info(app, hostname, options):
             "broker_use_ssl": _json_safe(conf.broker_use_ssl) if isinstance(conf.broker_use_ssl, dict) else None,
             "broker_connection_timeout": conf.broker_connection_timeout,
             "broker_connection_max_retries": conf.broker_connection_max_retries,
+            # None falls back to broker_connection_retry, as celery/worker/consumer/consumer.py does.
+            "broker_connection_retry_on_startup": bool(
+                conf.broker_connection_retry if conf.broker_connection_retry_on_startup is None
+                else conf.broker_connection_retry_on_startup),
             "worker_disable_rate_limits": bool(conf.worker_disable_rate_limits),
             "control_exchange": conf.control_exchange,
             "control_queue_expires": conf.control_queue_expires,

@@ -17,6 +17,8 @@ app.conf.update(
     worker_cancel_long_running_tasks_on_connection_loss=os.environ.get("TESTAPP_CANCEL_ON_LOSS") == "1",
     worker_disable_rate_limits=os.environ.get("TESTAPP_DISABLE_RATE_LIMITS") == "1",
     accept_content=os.environ.get("TESTAPP_ACCEPT", "json").split(","),
+    broker_connection_retry_on_startup=os.environ.get("TESTAPP_NO_STARTUP_RETRY") != "1",
+    broker_connection_max_retries=int(os.environ.get("TESTAPP_MAX_RETRIES", "100")),
     task_track_started=os.environ.get("TESTAPP_TRACK_STARTED") == "1",
 )
 if os.environ.get("TESTAPP_BROKER_CA"):
