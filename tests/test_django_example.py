@@ -34,3 +34,36 @@ def test_django_example_end_to_end(worker, tmp_path):
     assert "notes.tasks.create_note" in log  # autodiscovered and listed in the banner
     assert ".> concurrency: 2" in log
     assert w.stop() == 0
+
+
+def test_django_on_postgresql_closes_connections_like_stock(worker, tmp_path):
+    env = {
+        "CELERY_BROKER_URL": BROKER_URL,
+        "CELERY_RESULT_BACKEND": BACKEND_URL,
+        "DJANGO_DB_ENGINE": "postgresql",
+        "DJANGO_DB_NAME": "test",
+        "CELERIAC_LOGLEVEL": "INFO",
+        "CELERIAC_CONCURRENCY": "2",
+    }
+    full_env = dict(os.environ, **env)
+    manage = lambda *a, **kw: subprocess.run([sys.executable, "manage.py", *a], cwd=PROJECT, env=full_env,  # noqa: E731
+                                             capture_output=True, text=True, timeout=120, **kw)
+    assert manage("migrate", "--noinput").returncode == 0
+    try:
+        manage("shell", "-c", "from notes.models import Note; Note.objects.all().delete()")
+        worker(["-A", "core", "worker"], cwd=PROJECT, env=env).wait_ready()
+        out = manage("enqueue", "--count", "3")
+        assert out.returncode == 0, out.stderr
+        assert "count_notes = 3" in out.stdout
+        # The Django fixup closes each task's connection at task_postrun (CONN_MAX_AGE=0):
+        # no idle connection is left in the pool children.
+        import time
+
+        import psycopg2
+
+        time.sleep(0.5)
+        with psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test") as conn, conn.cursor() as cur:
+            cur.execute("select count(*) from pg_stat_activity where application_name = 'celeriac-example'")
+            assert cur.fetchone()[0] == 0
+    finally:
+        manage("migrate", "notes", "zero", "--noinput")
