@@ -25,6 +25,9 @@ pub struct AppInfo {
     pub tasks: HashMap<String, TaskOptions>,
     #[serde(default)]
     pub conf_table: Value,
+    /// The app connected `task_received` receivers: send it (through the zygote) per task.
+    #[serde(default)]
+    pub task_received_receivers: bool,
     /// Revoked ids loaded from `--statedb`.
     #[serde(default)]
     pub revoked: Vec<String>,

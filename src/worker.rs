@@ -230,6 +230,7 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let http = http_port.map(|port| tokio::spawn(http::serve(http_bind.clone(), port, metrics.clone())));
     let watcher = tokio::spawn(watch_connection(transport.clone(), metrics.clone()));
     let channels = Channels {
+        task_received_receivers: app.task_received_receivers,
         events,
         metrics,
         control: control_rx,

@@ -19,10 +19,12 @@ def test_signal_order_and_processes(worker, tmp_path):
     assert w.stop() == 0
     lines = [line.split() for line in log.read_text().splitlines()]
     names = [n for n, _, _ in lines]
-    order = ["worker_init", "worker_process_init", "worker_ready", "task_prerun", "task_success", "task_postrun",
-             "task_prerun", "task_failure", "task_postrun", "worker_shutting_down", "worker_process_shutdown",
-             "worker_shutdown"]
-    assert names == order, names
+    order = ["worker_init", "worker_process_init", "worker_ready", "task_received", "task_prerun", "task_success",
+             "task_postrun", "task_received", "task_prerun", "task_failure", "task_postrun", "worker_shutting_down",
+             "worker_process_shutdown", "worker_shutdown"]
+    assert [n for n in names if not n.startswith("request:")] == order, names
+    assert "request:Request:testapp.add:[1,2]" in names
     procs = {n: p for n, p, _ in lines}
     assert procs["task_prerun"] == "ForkPoolWorker-1" and procs["worker_process_init"] == "ForkPoolWorker-1"
     assert procs["worker_ready"] == procs["worker_shutdown"] == procs["worker_init"]  # the MainProcess side
+    assert procs["task_received"] == procs["worker_init"]

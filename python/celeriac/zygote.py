@@ -167,6 +167,8 @@ def bootstrap_info(app, hostname, options):
         "conf_table": _json_safe(conf.table(with_defaults=False, censored=True)),
         "broker_info": _json_safe(conn.info()),
         "tasks": _task_options(app),
+        # Sending task_received costs a round trip per message: only when someone listens.
+        "task_received_receivers": bool(__import__("celery").signals.task_received.receivers),
         "conf": {
             "worker_concurrency": conf.worker_concurrency,
             "worker_prefetch_multiplier": conf.worker_prefetch_multiplier,
@@ -335,6 +337,9 @@ def _serve(control, app, hostname, options, statedb):
                 from celeriac import child
 
                 child.Child(None, app, hostname).mark_failure(json.loads(payload))
+            elif kind == frames.TASK_RECEIVED:
+                _send_task_received(payload, app, hostname, shim)
+                _send(control, frames.SIGNAL_SENT, {"signal": "task_received"})
             elif kind == frames.WORKER_SIGNAL:
                 event = json.loads(payload)
                 _send_worker_signal(event, shim)
@@ -356,6 +361,27 @@ def _fork_child(index, fd, control, wake, app, hostname, options):
         os._exit(code)
     os.close(fd)
     _send(control, frames.FORKED, {"index": index, "pid": pid})
+
+
+def _send_task_received(payload, app, hostname, shim):
+    """`task_received`, with a real celery Request built from the message, as the stock
+    MainProcess sends it (`celery/worker/strategy.py`)."""
+    from celery import signals
+    from celery.worker.request import Request
+    from kombu.message import Message
+    from kombu.utils.json import loads as json_loads
+
+    try:
+        meta_raw, body = frames.split_task_payload(payload)
+        meta = json_loads(meta_raw)
+        extras = meta["extras"]
+        message = Message(body=body, content_type=meta["content_type"], content_encoding=meta["content_encoding"],
+                          delivery_info=extras.get("delivery_info"), properties=extras.get("properties"),
+                          headers=meta["headers"], delivery_tag=(extras.get("properties") or {}).get("delivery_tag"))
+        request = Request(message, app=app, hostname=hostname, task=app.tasks[meta["name"]])
+        signals.task_received.send(sender=shim, request=request)
+    except Exception:
+        logger.exception("A task_received signal handler raised")
 
 
 def _send_worker_signal(event, shim):

@@ -75,6 +75,13 @@ pub struct Consumer {
     processed: u64,
     /// MainProcess signals for the zygote to send (`worker_ready`, `worker_shutting_down`).
     worker_signals: Vec<serde_json::Value>,
+    /// Requests waiting for their `task_received` handlers (in the zygote), in order, and the
+    /// frames still to send.
+    task_received_receivers: bool,
+    awaiting_received: VecDeque<Request>,
+    received_signals: Vec<Vec<u8>>,
+    /// Acknowledgements still to come for requests taken out of `awaiting_received`.
+    stale_received_acks: usize,
     /// `worker_shutting_down` was sent and its handlers have not reported done yet.
     shutting_down_pending: bool,
     /// `--shutdown-timeout`: when a warm shutdown stops waiting for running tasks.
@@ -88,6 +95,7 @@ pub struct Consumer {
 pub type Reply = (ReplyTo, String, u64, serde_json::Value);
 
 pub struct Channels {
+    pub task_received_receivers: bool,
     pub events: Events,
     pub metrics: Arc<Metrics>,
     pub control: mpsc::Receiver<ControlEvent>,
@@ -138,6 +146,10 @@ impl Consumer {
             processed: 0,
             worker_signals: Vec::new(),
             shutting_down_pending: false,
+            task_received_receivers: ch.task_received_receivers,
+            awaiting_received: VecDeque::new(),
+            received_signals: Vec::new(),
+            stale_received_acks: 0,
             shutdown_deadline: None,
             startup_failures: 0,
             announced_ready: false,
@@ -255,12 +267,33 @@ impl Consumer {
             "root_id": message.root_id, "parent_id": message.parent_id, "retries": message.retries,
             "eta": message.eta.map(|t| t.to_rfc3339()), "expires": message.expires.map(|t| t.to_rfc3339()),
         });
-        self.events.task(&mut self.clock, "task-received", fields);
         self.metrics.task(&message.name, "received");
         let request = Request::new(delivery, message, options);
         if let Some(why) = self.revoked_reason(&request) {
             return self.discard_revoked(request, why);
         }
+        self.events.task(&mut self.clock, "task-received", fields);
+        if self.task_received_receivers {
+            // `task_received` runs before the request is scheduled, as in the stock strategy.
+            let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
+            let frame = frame::encode_task(&meta, &request.delivery.body);
+            self.received_signals.push(frame[5..].to_vec());
+            self.awaiting_received.push_back(request);
+            return;
+        }
+        self.schedule(request);
+    }
+
+    /// Take the requests waiting for `task_received` (shutdown, connection loss); the zygote's
+    /// answers for the frames already sent are then skipped.
+    fn take_awaiting_received(&mut self) -> Vec<Request> {
+        let unsent = std::mem::take(&mut self.received_signals).len();
+        self.stale_received_acks += self.awaiting_received.len().saturating_sub(unsent);
+        self.awaiting_received.drain(..).collect()
+    }
+
+    /// After receipt: wait for the ETA, or get ready to run.
+    fn schedule(&mut self, request: Request) {
         match request.message.eta {
             Some(due) if due > Utc::now() => self.hold_until_eta(due, request),
             _ => self.make_ready(request),
@@ -331,6 +364,10 @@ impl Consumer {
         for r in self.rate_limits.drain() {
             let frees = !r.eta_bumped;
             self.settle(Settle::Forget(r.delivery.tag), frees);
+            dropped += 1;
+        }
+        for r in self.take_awaiting_received() {
+            self.settle(Settle::Forget(r.delivery.tag), true);
             dropped += 1;
         }
         if dropped > 0 {
@@ -610,7 +647,14 @@ impl Consumer {
                     error!("Process pid:{pid} exited with '{status}'");
                 }
             }
-            PoolEvent::SignalSent => self.shutting_down_pending = false,
+            PoolEvent::SignalSent(name) if name == "task_received" => {
+                if self.stale_received_acks > 0 {
+                    self.stale_received_acks -= 1; // for a request we already gave back
+                } else if let Some(request) = self.awaiting_received.pop_front() {
+                    self.schedule(request);
+                }
+            }
+            PoolEvent::SignalSent(_) => self.shutting_down_pending = false,
             PoolEvent::ZygoteGone => {
                 if self.stopping.is_none() {
                     error!("The zygote process died: no pool children can be started. Stopping.");
@@ -791,6 +835,11 @@ impl Consumer {
     }
 
     async fn send_worker_signals(&mut self) {
+        for payload in std::mem::take(&mut self.received_signals) {
+            if let Err(e) = self.pool.zygote().task_received(&payload).await {
+                warn!("Could not send task_received to the zygote: {e}");
+            }
+        }
         for event in std::mem::take(&mut self.worker_signals) {
             if let Err(e) = self.pool.zygote().worker_signal(&event).await {
                 warn!("Could not send {} to the zygote: {e}", event["signal"]);
@@ -852,6 +901,10 @@ impl Consumer {
             self.settle(Settle::Restore(r.delivery.tag), frees);
             n += 1;
         }
+        for r in self.take_awaiting_received() {
+            self.settle(Settle::Restore(r.delivery.tag), true);
+            n += 1;
+        }
         while let Ok(incoming) = self.deliveries.try_recv() {
             if let Incoming::Delivery(d) = incoming {
                 self.settle(Settle::Restore(d.tag), true);
@@ -903,7 +956,9 @@ impl Consumer {
         if self.shutting_down_pending {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
-                if matches!(event, PoolEvent::SignalSent | PoolEvent::ZygoteGone) {
+                if matches!(&event, PoolEvent::SignalSent(name) if name != "task_received")
+                    || matches!(event, PoolEvent::ZygoteGone)
+                {
                     break;
                 }
             }

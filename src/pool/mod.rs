@@ -50,8 +50,8 @@ pub enum PoolEvent {
     Gone { index: usize },
     /// The zygote reaped a child.
     Exited { pid: i32, status: ExitStatus },
-    /// The zygote ran the handlers of a MainProcess signal we asked for.
-    SignalSent,
+    /// The zygote ran the handlers of a MainProcess signal we asked for (its name).
+    SignalSent(String),
     /// The zygote itself is gone: nothing more can be forked.
     ZygoteGone,
 }

@@ -116,8 +116,12 @@ impl PendingZygote {
                     Ok(Some((Kind::Forked, payload))) => {
                         debug!("zygote forked {}", String::from_utf8_lossy(&payload))
                     }
-                    Ok(Some((Kind::SignalSent, _))) => {
-                        let _ = events.send(PoolEvent::SignalSent);
+                    Ok(Some((Kind::SignalSent, payload))) => {
+                        let name = serde_json::from_slice::<serde_json::Value>(&payload)
+                            .ok()
+                            .and_then(|v| v["signal"].as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        let _ = events.send(PoolEvent::SignalSent(name));
                     }
                     Ok(Some((Kind::Exited, payload))) => match serde_json::from_slice::<ExitReport>(&payload) {
                         Ok(r) => {
@@ -179,6 +183,13 @@ impl Zygote {
     /// Have the zygote send a MainProcess signal (`worker_ready`, `worker_shutdown`, ...).
     pub async fn worker_signal(&mut self, event: &serde_json::Value) -> std::io::Result<()> {
         self.send(Kind::WorkerSignal, event).await
+    }
+
+    /// Have the zygote send `task_received` for a request (TASK frame layout).
+    pub async fn task_received(&mut self, task_frame_payload: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let writer = self.writer.as_mut().ok_or_else(|| std::io::Error::other("zygote closed"))?;
+        writer.write_all(&frame::encode(Kind::TaskReceived, task_frame_payload)).await
     }
 
     /// Have the zygote store an outcome record (when no pool child is left to do it).

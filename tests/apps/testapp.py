@@ -66,10 +66,19 @@ def _log_signal(name):
 def _connect_signal_log():
     from celery import signals
 
+    if not os.environ.get("TESTAPP_SIGNAL_LOG"):
+        return  # a task_received receiver makes celeriac send it per task: only when asked
     for name in ("worker_init", "worker_process_init", "worker_ready", "worker_shutting_down",
-                 "worker_shutdown", "worker_process_shutdown", "task_prerun", "task_postrun",
-                 "task_success", "task_failure"):
+                 "worker_shutdown", "worker_process_shutdown", "task_received", "task_prerun",
+                 "task_postrun", "task_success", "task_failure"):
         getattr(signals, name).connect(lambda *a, _n=name, **k: _log_signal(_n), weak=False)
+    signals.task_received.connect(_check_received_request, weak=False)
+
+
+def _check_received_request(sender=None, request=None, **kwargs):
+    # A real celery Request, as the stock MainProcess passes it.
+    args = ",".join(str(a) for a in request.args)
+    _log_signal(f"request:{type(request).__name__}:{request.name}:[{args}]")
 
 
 _connect_signal_log()
