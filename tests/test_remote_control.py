@@ -164,3 +164,32 @@ def test_statedb_keeps_revoked_ids_across_restarts(worker, tmp_path):
 
     with shelve.open(str(statedb)) as db:
         assert doomed in pickle.loads(zlib.decompress(db["zrevoked"]))
+
+
+def test_revoke_by_stamped_headers(worker):
+    w = worker(WORKER).wait_ready()
+    stamped = testapp.add.s(1, 1)
+    stamped.stamp(batch="nightly-42")
+    doomed = stamped.apply_async(countdown=2)
+    other = testapp.add.apply_async((2, 2), countdown=2)
+    time.sleep(0.3)
+    replies = testapp.app.control.revoke_by_stamped_headers({"batch": "nightly-42"}, reply=True, destination=[NODE])
+    assert replies and "flagged as revoked" in replies[0][NODE]["ok"]
+    with pytest.raises(TaskRevokedError):
+        doomed.get(timeout=10)
+    assert other.get(timeout=10) == 4
+    w.wait_for(f"Discarding revoked task: testapp.add[{doomed.id}]")
+
+
+def test_task_revoked_signal_runs(worker, tmp_path):
+    log = tmp_path / "signals.log"
+    w = worker(WORKER, env={"TESTAPP_SIGNAL_LOG": str(log)}).wait_ready()
+    r = testapp.add.apply_async((1, 1), countdown=1)
+    testapp.app.control.revoke(r.id, destination=[NODE])
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=10)
+    w.wait_for(f"Discarding revoked task: testapp.add[{r.id}]")
+    deadline = time.time() + 5
+    while "task_revoked" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    assert "task_revoked" in log.read_text()

@@ -70,7 +70,7 @@ def _connect_signal_log():
         return  # a task_received receiver makes celeriac send it per task: only when asked
     for name in ("worker_init", "worker_process_init", "worker_ready", "worker_shutting_down",
                  "worker_shutdown", "worker_process_shutdown", "task_received", "task_prerun",
-                 "task_postrun", "task_success", "task_failure"):
+                 "task_postrun", "task_success", "task_failure", "task_revoked"):
         getattr(signals, name).connect(lambda *a, _n=name, **k: _log_signal(_n), weak=False)
     signals.task_received.connect(_check_received_request, weak=False)
 
