@@ -98,6 +98,18 @@ def _ensure_vhost():
                    capture_output=True, check=True, timeout=60)
 
 
+def wait_started(marker, count=1, timeout=20):
+    """Wait until a task that logs to the Redis list `marker` (testapp.sleep) started `count` times."""
+    import testapp
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if testapp._redis().lrange(marker, 0, -1).count(b"start") >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"task did not start {count} time(s)")
+
+
 def only_on(kind):
     """Mark a test that inspects one broker's own data layout."""
     return pytest.mark.skipif(BROKER_KIND != kind, reason=f"inspects {kind}'s own layout")

@@ -10,7 +10,7 @@ import pytest
 from celery import Celery
 
 import testapp
-from conftest import BACKEND_URL, BROKER_URL, only_on
+from conftest import BACKEND_URL, BROKER_URL, only_on, wait_started
 
 pytestmark = only_on("amqp")
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
@@ -129,20 +129,12 @@ def test_rpc_result_backend(worker, broker):
     assert BACKEND_URL  # results of the other tests stay on Redis
 
 
-def wait_marker(marker, count, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if testapp._redis().lrange(marker, 0, -1).count(b"start") >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"task did not start {count} time(s)")
-
 
 def test_cancel_long_running_tasks_on_connection_loss(worker, broker):
     w = worker(WORKER, env={"TESTAPP_CANCEL_ON_LOSS": "1"}).wait_ready()
     marker = f"m:{uuid.uuid4()}"
     r = testapp.late_sleep.delay(3, marker)
-    wait_marker(marker, 1)
+    wait_started(marker, 1)
     for pid in celeriac_connections():
         rabbitmqctl("close_connection", pid, "test: cut the connection")
     w.wait_for("Terminating it instead")
@@ -159,12 +151,12 @@ def test_without_cancel_a_running_acks_late_task_finishes_and_runs_again(worker,
     w = worker(WORKER).wait_ready()
     marker = f"m:{uuid.uuid4()}"
     r = testapp.late_sleep.delay(2, marker)
-    wait_marker(marker, 1)
+    wait_started(marker, 1)
     for pid in celeriac_connections():
         rabbitmqctl("close_connection", pid, "test: cut the connection")
     w.wait_for("can't be acknowledged after the connection loss")
     assert r.get(timeout=30) == 2
-    wait_marker(marker, 2)  # at least once: the broker redelivered it
+    wait_started(marker, 2)  # at least once: the broker redelivered it
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from celery.exceptions import TaskRevokedError
 
 import testapp
-from conftest import APPS, BROKER_KIND, only_on
+from conftest import APPS, BROKER_KIND, only_on, wait_started
 
 NODE = "rc@testhost"
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2", "-n", NODE]
@@ -21,13 +21,6 @@ def inspect():
     return testapp.app.control.inspect(destination=[NODE], timeout=2)
 
 
-def wait_started(marker, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if testapp._redis().lrange(marker, 0, -1):
-            return
-        time.sleep(0.02)
-    raise AssertionError("task did not start")
 
 
 def test_celery_inspect_ping_cli(worker):

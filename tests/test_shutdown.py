@@ -6,17 +6,11 @@ import time
 import uuid
 
 import testapp
+from conftest import wait_started
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multiplier", "4"]
 
 
-def wait_started(marker, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if testapp._redis().lrange(marker, 0, -1):
-            return
-        time.sleep(0.02)
-    raise AssertionError("task did not start")
 
 
 def test_warm_shutdown_finishes_running_and_gives_back_prefetched(worker, broker):
