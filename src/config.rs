@@ -131,6 +131,8 @@ pub struct WorkerSettings {
     /// `--http-port` / `--http-bind`: the health and metrics endpoint.
     pub http_port: Option<u16>,
     pub http_bind: String,
+    /// Mingle at start-up (off with `--without-mingle`).
+    pub mingle: bool,
     /// `--shutdown-timeout`: how long a warm shutdown waits for running tasks.
     pub shutdown_timeout: Option<f64>,
 }
@@ -191,6 +193,7 @@ impl WorkerSettings {
             http_port: worker.http_port,
             http_bind: worker.http_bind.clone(),
             shutdown_timeout: worker.shutdown_timeout.filter(|t| *t >= 0.0),
+            mingle: !worker.without_mingle,
         })
     }
 

@@ -225,6 +225,10 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let replier = tokio::spawn(send_replies(transport.clone(), reply_rx));
     let acking = tokio::spawn(acker::run(transport.clone(), settle_rx, window.clone()));
     let pool = Pool::new(zygote, pool_tx);
+    let mut revoked = app.revoked.clone();
+    if settings.mingle {
+        revoked.extend(mingle(&*transport, &app, &revoked).await);
+    }
     let metrics = Arc::new(Metrics::default());
     let (http_port, http_bind) = (settings.http_port, settings.http_bind.clone());
     let http = http_port.map(|port| tokio::spawn(http::serve(http_bind.clone(), port, metrics.clone())));
@@ -237,7 +241,7 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         replies: reply_tx,
         app_conf: app.conf_table.clone(),
         broker_info: app.broker_info.clone(),
-        revoked: app.revoked.clone(),
+        revoked,
         pool_events: pool_rx,
         deliveries: delivery_rx,
         prefetch: prefetch_tx,
@@ -300,4 +304,42 @@ async fn watch_connection<T: Transport>(transport: Arc<T>, metrics: Arc<Metrics>
         metrics.broker_reconnects.store(transport.connections().saturating_sub(1), Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Mingle (`celery/worker/consumer/mingle.py`): say hello to the other workers and take over the
+/// ids they have revoked. Replies carry a list (Celery 5.7) or a map of id → time (≤ 5.6).
+async fn mingle<T: Transport>(transport: &T, app: &AppInfo, revoked: &[String]) -> Vec<String> {
+    info!("mingle: searching for neighbors");
+    let hello = serde_json::json!({"from_node": app.hostname, "revoked": revoked});
+    let replies = match transport.broadcast(&app.mailbox(), "hello", hello, Duration::from_secs(1)).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("mingle: could not ask the other workers: {e}");
+            return Vec::new();
+        }
+    };
+    let mut ids = Vec::new();
+    let mut nodes = 0;
+    for reply in &replies {
+        for (node, answer) in reply.as_object().into_iter().flatten() {
+            if *node == app.hostname || answer.is_null() {
+                continue;
+            }
+            nodes += 1;
+            match answer.get("revoked") {
+                Some(serde_json::Value::Array(list)) => {
+                    ids.extend(list.iter().filter_map(|v| v.as_str().map(str::to_owned)))
+                }
+                Some(serde_json::Value::Object(map)) => ids.extend(map.keys().cloned()),
+                _ => {}
+            }
+        }
+    }
+    if nodes == 0 {
+        info!("mingle: all alone");
+    } else {
+        info!("mingle: sync with {nodes} nodes");
+        info!("mingle: sync complete");
+    }
+    ids
 }

@@ -186,3 +186,32 @@ def test_task_revoked_signal_runs(worker, tmp_path):
     while "task_revoked" not in log.read_text() and time.time() < deadline:
         time.sleep(0.05)
     assert "task_revoked" in log.read_text()
+
+
+def test_mingle_syncs_revoked_ids_with_a_running_worker(worker):
+    first = worker(WORKER).wait_ready()
+    assert "mingle: all alone" in first.log()
+    doomed = str(uuid.uuid4())
+    testapp.app.control.revoke(doomed, destination=[NODE])
+    time.sleep(0.3)
+    second = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-n", "second@testhost"], name="second")
+    second.wait_ready()
+    assert "mingle: sync with 1 nodes" in second.log()
+    assert doomed in testapp.app.control.inspect(destination=["second@testhost"], timeout=2).revoked()["second@testhost"]
+    third = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-n", "third@testhost", "--without-mingle"],
+                   name="third").wait_ready()
+    assert "mingle" not in third.log()
+
+
+def test_mingle_with_a_stock_worker(worker):
+    import sys
+
+    stock = worker(["-A", "testapp", "worker", "-c", "1", "-l", "info", "-n", "stock@testhost", "--without-gossip"],
+                   command=[sys.executable, "-m", "celery"], name="stock")
+    stock.wait_ready(timeout=60)
+    doomed = str(uuid.uuid4())
+    testapp.app.control.revoke(doomed, destination=["stock@testhost"])
+    time.sleep(0.3)
+    ours = worker(WORKER).wait_ready()
+    assert "mingle: sync with 1 nodes" in ours.log()
+    assert doomed in inspect().revoked()[NODE]

@@ -90,6 +90,21 @@ pub enum ControlEvent {
     Request(Value, u64),
 }
 
+/// A pidbox request as `kombu.pidbox.Mailbox._broadcast` publishes it, and its ticket.
+pub fn control_request(method: &str, arguments: Value, reply_exchange: &str, oid: &str) -> (Value, String) {
+    let ticket = uuid::Uuid::new_v4().to_string();
+    let body = serde_json::json!({
+        "method": method,
+        "arguments": arguments,
+        "destination": null,
+        "pattern": null,
+        "matcher": null,
+        "ticket": ticket,
+        "reply_to": {"exchange": reply_exchange, "routing_key": oid},
+    });
+    (body, ticket)
+}
+
 /// Serialize a reply body as kombu's JSON producer would.
 pub fn reply_body(body: &Value) -> Vec<u8> {
     serde_json::to_vec(body).unwrap_or_else(|_| b"null".to_vec())
@@ -179,6 +194,16 @@ pub trait Transport: Send + Sync + 'static {
         requests: mpsc::Sender<ControlEvent>,
         stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()>;
+
+    /// Be a remote-control client: broadcast `method` to every node's mailbox and collect the
+    /// replies (`{node: reply}` maps) that arrive within `timeout` (mingle's `hello`).
+    fn broadcast(
+        &self,
+        mailbox: &Mailbox,
+        method: &str,
+        arguments: Value,
+        timeout: std::time::Duration,
+    ) -> impl Future<Output = Result<Vec<Value>, TransportError>> + Send;
 
     /// Publish a pidbox reply to a client's reply queue.
     fn reply(

@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport, TransportError,
+    control_request, reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport,
+    TransportError,
 };
 
 const SEP: &str = "\x06\x16";
@@ -552,6 +553,64 @@ impl Transport for RedisTransport {
                 warn!("pidbox: subscription to {topic:?} lost; reconnecting");
             }
         })
+    }
+
+    async fn broadcast(
+        &self,
+        mailbox: &Mailbox,
+        method: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, TransportError> {
+        let oid = uuid::Uuid::new_v4().to_string();
+        let reply_exchange = format!("reply.{}.pidbox", mailbox.namespace);
+        let reply_queue = format!("{oid}.{reply_exchange}");
+        let binding = self.key(&format!("_kombu.binding.{reply_exchange}"));
+        let member = format!("{oid}{SEP}{SEP}{reply_queue}");
+        let mut conn = self.conn.clone();
+        let _: () = conn.sadd(&binding, &member).await?;
+        let (body, ticket) = control_request(method, arguments, &reply_exchange, &oid);
+        let db = self.client.get_connection_info().redis.db;
+        let expires = now_secs() + timeout.as_secs_f64();
+        let envelope = serde_json::json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(reply_body(&body)),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"clock": 1, "expires": expires},
+            "properties": {
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": mailbox.exchange(), "routing_key": ""},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            },
+        })
+        .to_string();
+        let topic = format!("{}/{db}.{}", self.opts.global_keyprefix, mailbox.exchange());
+        let _: i64 = conn.publish(topic, envelope).await?;
+        // Collect from the reply list until the deadline, on a connection of our own (BRPOP blocks).
+        let mut blocking = self.client.get_multiplexed_async_connection().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut replies = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs_f64();
+            if left <= 0.0 {
+                break;
+            }
+            let popped: Option<(String, String)> =
+                redis::cmd("BRPOP").arg(self.key(&reply_queue)).arg(left.max(0.01)).query_async(&mut blocking).await?;
+            let Some((_, raw)) = popped else { break };
+            if let Ok(d) = decode_envelope(&raw, &reply_queue) {
+                if d.headers.get("ticket").and_then(Value::as_str) == Some(ticket.as_str()) {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&d.body) {
+                        replies.push(v);
+                    }
+                }
+            }
+        }
+        let _: () = conn.srem(&binding, &member).await?;
+        let _: () = conn.del(self.key(&reply_queue)).await?;
+        Ok(replies)
     }
 
     async fn reply(&self, to: &ReplyTo, ticket: &str, clock: u64, body: &Value) -> Result<(), TransportError> {

@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport, TransportError,
+    control_request, reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport,
+    TransportError,
 };
 
 /// Connection settings from the app's configuration (`broker_heartbeat`, ...).
@@ -587,6 +588,52 @@ impl Transport for AmqpTransport {
                 tokio::select! { _ = tokio::time::sleep(delay) => {}, _ = stop.changed() => return }
             }
         })
+    }
+
+    async fn broadcast(
+        &self,
+        mailbox: &Mailbox,
+        method: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, TransportError> {
+        // A short-lived client connection of our own, as `app.control` would open.
+        let connection = self.connect_to(0, "celeriac-mingle").await?;
+        let channel = connection.create_channel().await?;
+        let oid = uuid::Uuid::new_v4().to_string();
+        let reply_exchange = format!("reply.{}.pidbox", mailbox.namespace);
+        let reply_queue = format!("{oid}.{reply_exchange}");
+        let transient = ExchangeDeclareOptions { durable: false, ..Default::default() };
+        channel.exchange_declare(&reply_exchange, ExchangeKind::Direct, transient, FieldTable::default()).await?;
+        channel.exchange_declare(&mailbox.exchange(), ExchangeKind::Fanout, transient, FieldTable::default()).await?;
+        let queue_opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        channel.queue_declare(&reply_queue, queue_opts, FieldTable::default()).await?;
+        channel
+            .queue_bind(&reply_queue, &reply_exchange, &oid, QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        let consume = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let mut replies_in = channel.basic_consume(&reply_queue, "", consume, FieldTable::default()).await?;
+        let (body, ticket) = control_request(method, arguments, &reply_exchange, &oid);
+        let mut headers = FieldTable::default();
+        headers.insert("clock".into(), fields::from_json(&Value::from(1)));
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(headers);
+        channel.basic_publish(&mailbox.exchange(), "", Default::default(), &reply_body(&body), props).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut replies = Vec::new();
+        while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, replies_in.next()).await {
+            let ticket_header =
+                d.properties.headers().as_ref().and_then(|h| h.inner().get("ticket").map(fields::to_json));
+            if ticket_header == Some(Value::from(ticket.as_str())) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&d.data) {
+                    replies.push(v);
+                }
+            }
+        }
+        let _ = connection.close(200, "mingle done").await;
+        Ok(replies)
     }
 
     async fn reply(&self, to: &ReplyTo, ticket: &str, clock: u64, body: &Value) -> Result<(), TransportError> {
