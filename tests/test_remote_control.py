@@ -215,3 +215,24 @@ def test_mingle_with_a_stock_worker(worker):
     ours = worker(WORKER).wait_ready()
     assert "mingle: sync with 1 nodes" in ours.log()
     assert doomed in inspect().revoked()[NODE]
+
+
+def test_pool_grow_and_shrink(worker):
+    worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-n", NODE]).wait_ready()
+    assert testapp.app.control.pool_grow(2, reply=True, destination=[NODE]) == [{NODE: {"ok": "pool will grow"}}]
+    deadline = time.time() + 15
+    while len(inspect().stats()[NODE]["pool"]["processes"]) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    stats = inspect().stats()[NODE]
+    assert stats["pool"]["max-concurrency"] == 3 and len(stats["pool"]["processes"]) == 3
+    # Three tasks run side by side now.
+    names = {r.get(timeout=15) for r in [testapp.procname.delay(0.8) for _ in range(3)]}
+    assert len(names) == 3
+    assert testapp.app.control.pool_shrink(2, reply=True, destination=[NODE]) == [{NODE: {"ok": "pool will shrink"}}]
+    deadline = time.time() + 15
+    while len(inspect().stats()[NODE]["pool"]["processes"]) > 1 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(inspect().stats()[NODE]["pool"]["processes"]) == 1
+    bad = testapp.app.control.pool_shrink(1, reply=True, destination=[NODE])
+    assert bad == [{NODE: {"error": "pool already at minimum"}}]
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2

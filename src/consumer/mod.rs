@@ -86,6 +86,8 @@ pub struct Consumer {
     shutting_down_pending: bool,
     /// `--shutdown-timeout`: when a warm shutdown stops waiting for running tasks.
     shutdown_deadline: Option<tokio::time::Instant>,
+    /// Pool size now (`-c`, changed by `pool_grow` / `pool_shrink`).
+    concurrency: usize,
     startup_failures: u32,
     announced_ready: bool,
     stopping: Option<Stop>,
@@ -115,6 +117,7 @@ pub struct Channels {
 
 impl Consumer {
     pub fn new(settings: Arc<WorkerSettings>, tasks: HashMap<String, TaskOptions>, pool: Pool, ch: Channels) -> Self {
+        let concurrency = settings.concurrency;
         Consumer {
             settings,
             tasks,
@@ -151,6 +154,7 @@ impl Consumer {
             received_signals: Vec::new(),
             stale_received_acks: 0,
             shutdown_deadline: None,
+            concurrency,
             startup_failures: 0,
             announced_ready: false,
             stopping: None,
@@ -159,7 +163,7 @@ impl Consumer {
 
     /// Run until shut down; returns the process exit code.
     pub async fn run(mut self, mut signals: mpsc::UnboundedReceiver<Stop>) -> i32 {
-        for _ in 0..self.settings.concurrency {
+        for _ in 0..self.concurrency {
             if let Err(e) = self.pool.spawn_child().await {
                 error!("Unrecoverable error: {e}");
                 return 1;
@@ -225,6 +229,7 @@ impl Consumer {
                 _ = heartbeat, if self.announced_ready => self.send_heartbeat(),
                 _ = deadline_sleep => return self.shutdown_deadline_passed().await,
             }
+            self.resize_pool().await;
             self.dispatch().await;
             self.events.flush();
             self.send_worker_signals().await;
@@ -490,7 +495,7 @@ impl Consumer {
         Metrics::set(&m.active, self.active.len());
         Metrics::set(&m.children_alive, self.pool.ready_count());
         m.children_ready.store(
-            self.stopping.is_none() && self.pool.ready_count() >= self.settings.concurrency,
+            self.stopping.is_none() && self.pool.ready_count() >= self.concurrency,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
@@ -505,7 +510,7 @@ impl Consumer {
     /// "<node> ready." once every child is up and the mailbox listens (stock's consumer
     /// starts its pidbox before it reports ready).
     fn maybe_announce_ready(&mut self) {
-        if !self.announced_ready && self.mailbox_listening && self.pool.ready_count() >= self.settings.concurrency {
+        if !self.announced_ready && self.mailbox_listening && self.pool.ready_count() >= self.concurrency {
             self.announced_ready = true;
             self.events.worker(&mut self.clock, "worker-online", 0, 0);
             self.next_heartbeat =
@@ -523,6 +528,38 @@ impl Consumer {
             .filter_map(Job::task)
             .chain(self.rate_limits.iter())
             .chain(self.eta.iter().map(|(_, r)| r))
+    }
+
+    /// Bring the pool to `concurrency` after `pool_grow` / `pool_shrink`.
+    async fn resize_pool(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        while self.pool.serving() < self.concurrency {
+            if let Err(e) = self.pool.spawn_child().await {
+                error!("Could not grow the pool: {e}");
+                break;
+            }
+        }
+        while self.pool.serving() > self.concurrency && self.pool.retire_idle() {}
+    }
+
+    /// `pool_grow` / `pool_shrink`: the prefetch window follows, by `n × multiplier`.
+    pub(super) fn resize(&mut self, grow: bool, n: usize) -> bool {
+        let step = n * self.settings.prefetch_multiplier;
+        if grow {
+            self.concurrency += n;
+            self.window.add_permits(step);
+            self.prefetch.send_modify(|p| *p += step);
+        } else {
+            if self.concurrency <= n {
+                return false;
+            }
+            self.concurrency -= n;
+            self.window.forget_permits(step);
+            self.prefetch.send_modify(|p| *p = p.saturating_sub(step).max(1));
+        }
+        true
     }
 
     /// Checked at receipt and again right before a request starts (`Request.revoked`).
@@ -631,7 +668,7 @@ impl Consumer {
                         }
                     }
                 }
-                if self.stopping.is_none() && self.pool.len() < self.settings.concurrency {
+                if self.stopping.is_none() && self.pool.serving() < self.concurrency {
                     self.metrics.child_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = self.pool.spawn_child().await {
                         error!("Could not replace ForkPoolWorker-{index}: {e}");
@@ -963,6 +1000,8 @@ impl Consumer {
                 }
             }
         }
+        // How many children to wait for, counted before the pool forgets them.
+        let expected = self.pool.len();
         if how == Stop::Cold {
             // Running acks_late tasks were never acked: give them back for redelivery.
             for (_, job) in self.active.drain() {
@@ -980,7 +1019,6 @@ impl Consumer {
         // Wait (briefly) for children to leave so worker_process_shutdown handlers run.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut gone = 0;
-        let expected = self.settings.concurrency;
         while gone < expected {
             match tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
                 Ok(Some(PoolEvent::Exited { .. })) => gone += 1,

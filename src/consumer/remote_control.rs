@@ -81,6 +81,16 @@ impl Consumer {
                 info!("Events of group {{task}} disabled by remote.");
                 Some(ok("task events disabled"))
             }
+            "pool_grow" | "pool_shrink" => {
+                let grow = request.method == "pool_grow";
+                let n = args.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+                if self.resize(grow, n) {
+                    info!("Pool {} by {n} to {} by remote", if grow { "grows" } else { "shrinks" }, self.concurrency);
+                    Some(ok(if grow { "pool will grow" } else { "pool will shrink" }))
+                } else {
+                    Some(nok("pool already at minimum"))
+                }
+            }
             "heartbeat" => {
                 self.send_heartbeat();
                 None
@@ -305,7 +315,7 @@ impl Consumer {
             "uptime": self.started.elapsed().as_secs(),
             "pool": {
                 "implementation": "celeriac:prefork",
-                "max-concurrency": self.settings.concurrency,
+                "max-concurrency": self.concurrency,
                 "processes": self.pool.pids(),
                 "max-tasks-per-child": Value::Null,
                 "put-guarded-by-semaphore": false,

@@ -68,7 +68,8 @@ enum SlotState {
 struct Slot {
     pid: Option<i32>,
     state: SlotState,
-    writer: OwnedWriteHalf,
+    /// `None` once we closed it to make the child leave (pool shrink).
+    writer: Option<OwnedWriteHalf>,
 }
 
 pub struct Pool {
@@ -142,7 +143,7 @@ impl Pool {
             }
             let _ = events.send(PoolEvent::Gone { index });
         });
-        self.slots.insert(index, Slot { pid: None, state: SlotState::Starting, writer });
+        self.slots.insert(index, Slot { pid: None, state: SlotState::Starting, writer: Some(writer) });
         Ok(index)
     }
 
@@ -191,6 +192,22 @@ impl Pool {
         self.slots.values().filter(|s| s.state != SlotState::Starting).count()
     }
 
+    /// Make one idle child leave (pool shrink): its socket is closed, it exits on end of
+    /// stream. Returns false when no child is idle right now.
+    pub fn retire_idle(&mut self) -> bool {
+        let Some(index) = self.idle.pop_back() else { return false };
+        if let Some(slot) = self.slots.get_mut(&index) {
+            slot.state = SlotState::Retiring;
+            slot.writer = None;
+        }
+        true
+    }
+
+    /// Children not on their way out.
+    pub fn serving(&self) -> usize {
+        self.slots.values().filter(|s| s.state != SlotState::Retiring).count()
+    }
+
     /// An idle child, taken out of the idle list (fair scheduling: only idle children get work).
     pub fn take_idle(&mut self) -> Option<usize> {
         self.idle.pop_front()
@@ -204,7 +221,8 @@ impl Pool {
     pub async fn send(&mut self, index: usize, bytes: &[u8]) -> Result<(), PoolError> {
         let slot = self.slots.get_mut(&index).ok_or(PoolError::NotIdle(index))?;
         slot.state = SlotState::Busy;
-        slot.writer.write_all(bytes).await.map_err(|e| PoolError::Write(index, e))
+        let writer = slot.writer.as_mut().ok_or(PoolError::NotIdle(index))?;
+        writer.write_all(bytes).await.map_err(|e| PoolError::Write(index, e))
     }
 
     pub fn len(&self) -> usize {
