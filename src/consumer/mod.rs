@@ -32,6 +32,14 @@ pub use rate_limit::parse_rate;
 use rate_limit::RateLimits;
 pub use request::{Job, Request};
 
+/// Sleep until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A pool child that keeps dying before it is ready this many times in a row stops the worker.
 const MAX_STARTUP_FAILURES: u32 = 10;
 
@@ -170,38 +178,15 @@ impl Consumer {
             }
         }
         loop {
-            let next_eta = self.eta.next_due();
-            let eta_sleep = async {
-                match next_eta {
-                    Some(due) => {
-                        let wait = (due - Utc::now()).to_std().unwrap_or_default();
-                        tokio::time::sleep(wait).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            let next_rate_wake = self.rate_limits.next_wake();
-            let rate_sleep = async {
-                match next_rate_wake {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let next_eta = self
+                .eta
+                .next_due()
+                .map(|due| tokio::time::Instant::now() + (due - Utc::now()).to_std().unwrap_or_default());
+            let eta_sleep = sleep_until_or_never(next_eta);
+            let rate_sleep = sleep_until_or_never(self.rate_limits.next_wake());
             let heartbeat = tokio::time::sleep_until(self.next_heartbeat);
-            let deadline = self.shutdown_deadline;
-            let deadline_sleep = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let next_limit = self.next_time_limit();
-            let limit_sleep = async {
-                match next_limit {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let deadline_sleep = sleep_until_or_never(self.shutdown_deadline);
+            let limit_sleep = sleep_until_or_never(self.next_time_limit());
             tokio::select! {
                 Some(incoming) = self.deliveries.recv(), if self.stopping.is_none() => match incoming {
                     Incoming::Delivery(delivery) => self.on_delivery(*delivery),
@@ -289,6 +274,32 @@ impl Consumer {
         self.schedule(request);
     }
 
+    /// Settle every request held but not started (ready, waiting for an ETA or a rate limit,
+    /// or for its `task_received` handlers) with `how`; outcome records stay. Returns how many.
+    fn release_unstarted(&mut self, how: fn(String) -> Settle) -> usize {
+        let mut n = 0;
+        for job in std::mem::take(&mut self.ready) {
+            match job {
+                Job::Task(r) => {
+                    self.settle(how(r.delivery.tag), !r.eta_bumped);
+                    n += 1;
+                }
+                record @ Job::Record(_) => self.ready.push_back(record),
+            }
+        }
+        let held = self.eta.drain();
+        self.prefetch.send_modify(|p| *p = p.saturating_sub(held.len()));
+        let limited = self.rate_limits.drain();
+        let awaiting = self.take_awaiting_received();
+        for r in held.into_iter().chain(limited).chain(awaiting) {
+            // An ETA request got its prefetch slot back when it started waiting.
+            let frees = !r.eta_bumped;
+            self.settle(how(r.delivery.tag), frees);
+            n += 1;
+        }
+        n
+    }
+
     /// Take the requests waiting for `task_received` (shutdown, connection loss); the zygote's
     /// answers for the frames already sent are then skipped.
     fn take_awaiting_received(&mut self) -> Vec<Request> {
@@ -349,32 +360,7 @@ impl Consumer {
     /// The broker took back everything the lost connection delivered (`Consumer.on_close`):
     /// forget what has not started; running tasks go on, their settlement becomes a no-op.
     fn on_connection_lost(&mut self) {
-        let mut dropped = 0;
-        let waiting: Vec<Job> = self.ready.drain(..).collect();
-        for job in waiting {
-            match job {
-                Job::Task(r) => {
-                    self.settle(Settle::Forget(r.delivery.tag), !r.eta_bumped);
-                    dropped += 1;
-                }
-                record => self.ready.push_back(record),
-            }
-        }
-        let held = self.eta.drain();
-        self.prefetch.send_modify(|p| *p = p.saturating_sub(held.len()));
-        for r in held {
-            self.settle(Settle::Forget(r.delivery.tag), false);
-            dropped += 1;
-        }
-        for r in self.rate_limits.drain() {
-            let frees = !r.eta_bumped;
-            self.settle(Settle::Forget(r.delivery.tag), frees);
-            dropped += 1;
-        }
-        for r in self.take_awaiting_received() {
-            self.settle(Settle::Forget(r.delivery.tag), true);
-            dropped += 1;
-        }
+        let dropped = self.release_unstarted(Settle::Forget);
         if dropped > 0 {
             warn!("Dropped {dropped} prefetched message(s) of the lost connection; the broker redelivers them");
         }
@@ -918,30 +904,7 @@ impl Consumer {
     /// Prefetched and ETA-waiting requests go back to the broker at once, to the front of
     /// their queues, so other workers can run them (`QoS.restore_unacked_once`).
     fn give_back_unstarted(&mut self) {
-        let mut n = 0;
-        let waiting: Vec<Job> = self.ready.drain(..).collect();
-        for job in waiting {
-            match job {
-                Job::Task(r) => {
-                    self.settle(Settle::Restore(r.delivery.tag), !r.eta_bumped);
-                    n += 1;
-                }
-                record @ Job::Record(_) => self.ready.push_back(record),
-            }
-        }
-        for r in self.eta.drain() {
-            self.settle(Settle::Restore(r.delivery.tag), false);
-            n += 1;
-        }
-        for r in self.rate_limits.drain() {
-            let frees = !r.eta_bumped;
-            self.settle(Settle::Restore(r.delivery.tag), frees);
-            n += 1;
-        }
-        for r in self.take_awaiting_received() {
-            self.settle(Settle::Restore(r.delivery.tag), true);
-            n += 1;
-        }
+        let mut n = self.release_unstarted(Settle::Restore);
         while let Ok(incoming) = self.deliveries.try_recv() {
             if let Incoming::Delivery(d) = incoming {
                 self.settle(Settle::Restore(d.tag), true);
