@@ -22,6 +22,9 @@ pub struct AppInfo {
     pub broker_display: String,
     pub result_backend: Option<String>,
     pub queues: Vec<QueueSpec>,
+    /// Every queue the app defines, consumed or not (`add_consumer` looks names up here).
+    #[serde(default)]
+    pub known_queues: Vec<QueueSpec>,
     pub tasks: HashMap<String, TaskOptions>,
     #[serde(default)]
     pub conf_table: Value,
@@ -133,8 +136,34 @@ pub struct WorkerSettings {
     pub http_bind: String,
     /// Mingle at start-up (off with `--without-mingle`).
     pub mingle: bool,
+    /// Follow other workers' events (off with `--without-gossip`).
+    pub gossip: bool,
+    /// `--autoscale=max,min`: the pool starts at `min` children and grows to `max`.
+    pub autoscale: Option<Autoscale>,
     /// `--shutdown-timeout`: how long a warm shutdown waits for running tasks.
     pub shutdown_timeout: Option<f64>,
+}
+
+/// `--autoscale=max[,min]` (`celery/worker/components.py: Pool.__init__`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Autoscale {
+    pub max: usize,
+    pub min: usize,
+}
+
+impl std::str::FromStr for Autoscale {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SettingsError::Autoscale(s.to_owned());
+        let (max, min) = s.split_once(',').unwrap_or((s, ""));
+        let max: usize = max.trim().parse().map_err(|_| bad())?;
+        let min: usize = if min.trim().is_empty() { 0 } else { min.trim().parse().map_err(|_| bad())? };
+        if max == 0 || min > max {
+            return Err(bad());
+        }
+        Ok(Autoscale { max, min })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +179,8 @@ pub enum SettingsError {
     Layering(#[from] config::ConfigError),
     #[error("concurrency must be at least 1")]
     NoConcurrency,
+    #[error("--autoscale takes MAX[,MIN] with MAX >= 1 and MIN <= MAX, not {0:?}")]
+    Autoscale(String),
 }
 
 impl WorkerSettings {
@@ -174,12 +205,14 @@ impl WorkerSettings {
             .set_override_option("task_events", worker.task_events.then_some(true))?
             .build()?
             .try_deserialize()?;
-        if layered.concurrency == 0 {
+        let autoscale = worker.not_yet.autoscale.as_deref().map(str::parse::<Autoscale>).transpose()?;
+        if layered.concurrency == 0 && autoscale.is_none() {
             return Err(SettingsError::NoConcurrency);
         }
         Ok(WorkerSettings {
             hostname: app.hostname.clone(),
-            concurrency: layered.concurrency,
+            // With autoscale the pool starts at its minimum, as stock.
+            concurrency: autoscale.map_or(layered.concurrency, |a| a.min),
             prefetch_multiplier: layered.prefetch_multiplier,
             task_events: layered.task_events,
             accept_content: app.conf.accept_content.clone(),
@@ -194,12 +227,15 @@ impl WorkerSettings {
             http_bind: worker.http_bind.clone(),
             shutdown_timeout: worker.shutdown_timeout.filter(|t| *t >= 0.0),
             mingle: !worker.without_mingle,
+            gossip: !worker.without_gossip,
+            autoscale,
         })
     }
 
-    /// Messages held unsettled at most: concurrency × multiplier (0 = unlimited, as kombu).
+    /// Messages held unsettled at most: concurrency × multiplier (0 = unlimited, as kombu);
+    /// with autoscale, the largest pool's.
     pub fn prefetch_count(&self) -> usize {
-        self.concurrency * self.prefetch_multiplier
+        self.autoscale.map_or(self.concurrency, |a| a.max) * self.prefetch_multiplier
     }
 
     /// Is this content type allowed by `accept_content` (`kombu.serialization.loads`)?
@@ -287,6 +323,18 @@ mod tests {
         assert!(s.concurrency >= 1);
         assert!(app.tasks["a.add"].acks_late);
         assert!(app.tasks["a.add"].acks_on_failure());
+    }
+
+    #[test]
+    fn autoscale() {
+        let app = app_info(json!({"worker_concurrency": 3, "accept_content": []}));
+        let s = WorkerSettings::resolve(&worker(&["--autoscale", "10,2"]), &app).unwrap();
+        assert_eq!((s.concurrency, s.autoscale, s.prefetch_count()), (2, Some(Autoscale { max: 10, min: 2 }), 40));
+        let s = WorkerSettings::resolve(&worker(&["--autoscale", "5"]), &app).unwrap();
+        assert_eq!((s.concurrency, s.autoscale), (0, Some(Autoscale { max: 5, min: 0 })));
+        for bad in ["0", "2,5", "x", "3,y"] {
+            assert!(WorkerSettings::resolve(&worker(&["--autoscale", bad]), &app).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -206,10 +206,18 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_BUFFER);
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
     let (prefetch_tx, prefetch_rx) = watch::channel(prefetch);
-    let consuming =
-        transport.clone().consume(settings.queues.clone(), window.clone(), prefetch_rx, delivery_tx, stop_rx.clone());
+    let (queues_tx, queues_rx) = watch::channel(settings.queues.clone());
+    let consuming = transport.clone().consume(queues_rx, window.clone(), prefetch_rx, delivery_tx, stop_rx.clone());
     let maintenance = transport.clone().maintain(stop_rx.clone());
     let (control_tx, control_rx) = mpsc::channel(256);
+    let (gossip, gossip_rx) = if settings.gossip {
+        let (tx, rx) = mpsc::channel(256);
+        // Events older than a heartbeat are of no use (`Gossip.get_consumers`: queue_ttl).
+        let ttl_ms = (settings.heartbeat_interval * 1000.0) as u64;
+        (Some(transport.clone().subscribe_worker_events(ttl_ms, tx, stop_rx.clone())), Some(rx))
+    } else {
+        (None, None)
+    };
     let mailbox = transport.clone().pidbox(app.mailbox(), control_tx, stop_rx);
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
     let (event_tx, event_rx) = mpsc::unbounded_channel();
@@ -248,6 +256,9 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         settle: settle_tx,
         window,
         stop_consuming: stop_tx,
+        queues: queues_tx,
+        known_queues: app.known_queues.clone(),
+        gossip: gossip_rx,
     };
     let consumer = Consumer::new(settings, app.tasks, pool, channels);
     let code = consumer.run(stops).await;
@@ -255,6 +266,9 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     let _ = consuming.await;
     maintenance.abort();
     mailbox.abort();
+    if let Some(g) = gossip {
+        g.abort();
+    }
     watcher.abort();
     if let Some(h) = http {
         h.abort();

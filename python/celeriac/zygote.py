@@ -81,40 +81,44 @@ def load_app(options):
 
 
 def _queues(app, options):
-    from kombu.transport.base import to_rabbitmq_queue_arguments
-
+    """The queues to consume from (`-Q`/`-X` applied), and every queue the app defines
+    (what `add_consumer` looks a queue up in)."""
     queues = app.amqp.queues
+    known = [_queue_spec(q) for q in queues.values()]
     include = [q for q in (options.get("queues") or "").split(",") if q.strip()]
     exclude = [q for q in (options.get("exclude_queues") or "").split(",") if q.strip()]
     if include:
         queues.select([q.strip() for q in include])
     if exclude:
         queues.deselect([q.strip() for q in exclude])
-    out = []
-    for q in queues.consume_from.values():
-        exchange = q.exchange
-        out.append({
-            "name": q.name,
-            "exchange": exchange.name if exchange is not None else "",
-            "exchange_type": (exchange.type if exchange is not None else None) or "direct",
-            "routing_key": q.routing_key or "",
-            "durable": bool(q.durable),
-            "auto_delete": bool(q.auto_delete),
-            "exclusive": bool(q.exclusive),
-            "max_priority": q.max_priority,
-            # What kombu's Queue.queue_declare sends (kombu/transport/base.py), so declaring
-            # never clashes with a queue a stock worker created.
-            "queue_arguments": to_rabbitmq_queue_arguments(
-                q.queue_arguments or {}, expires=q.expires, message_ttl=q.message_ttl,
-                max_length=q.max_length, max_length_bytes=q.max_length_bytes,
-                max_priority=q.max_priority,
-            ),
-            "exchange_durable": bool(exchange.durable) if exchange is not None else True,
-            "exchange_auto_delete": bool(exchange.auto_delete) if exchange is not None else False,
-            "exchange_arguments": (exchange.arguments or {}) if exchange is not None else {},
-            "binding_arguments": q.binding_arguments or {},
-        })
-    return out
+    return [_queue_spec(q) for q in queues.consume_from.values()], known
+
+
+def _queue_spec(q):
+    from kombu.transport.base import to_rabbitmq_queue_arguments
+
+    exchange = q.exchange
+    return {
+        "name": q.name,
+        "exchange": exchange.name if exchange is not None else "",
+        "exchange_type": (exchange.type if exchange is not None else None) or "direct",
+        "routing_key": q.routing_key or "",
+        "durable": bool(q.durable),
+        "auto_delete": bool(q.auto_delete),
+        "exclusive": bool(q.exclusive),
+        "max_priority": q.max_priority,
+        # What kombu's Queue.queue_declare sends (kombu/transport/base.py), so declaring
+        # never clashes with a queue a stock worker created.
+        "queue_arguments": to_rabbitmq_queue_arguments(
+            q.queue_arguments or {}, expires=q.expires, message_ttl=q.message_ttl,
+            max_length=q.max_length, max_length_bytes=q.max_length_bytes,
+            max_priority=q.max_priority,
+        ),
+        "exchange_durable": bool(exchange.durable) if exchange is not None else True,
+        "exchange_auto_delete": bool(exchange.auto_delete) if exchange is not None else False,
+        "exchange_arguments": (exchange.arguments or {}) if exchange is not None else {},
+        "binding_arguments": q.binding_arguments or {},
+    }
 
 
 def _task_options(app):
@@ -149,6 +153,7 @@ def bootstrap_info(app, hostname, options):
         backend_uri = app.backend.as_uri() if conf.result_backend else None
     except Exception:  # a backend that cannot print itself must not stop the worker
         backend_uri = str(conf.result_backend)
+    queues, known_queues = _queues(app, options)
     return {
         "hostname": hostname,
         "app": repr(app),
@@ -162,7 +167,8 @@ def bootstrap_info(app, hostname, options):
         "broker_display": conn.as_uri(),
         "transport": conn.transport_cls if isinstance(conn.transport_cls, str) else str(conn.transport_cls),
         "result_backend": backend_uri,
-        "queues": _queues(app, options),
+        "queues": queues,
+        "known_queues": known_queues,
         # `celery inspect conf` and `stats.broker`, answered by the supervisor.
         "conf_table": _json_safe(conf.table(with_defaults=False, censored=True)),
         "broker_info": _json_safe(conn.info()),

@@ -3,6 +3,7 @@
 //! `celery/worker/request.py`, reference §3.3 and §5).
 
 pub mod acker;
+mod autoscale;
 pub mod eta;
 mod rate_limit;
 mod remote_control;
@@ -18,6 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{TaskOptions, WorkerSettings};
 use crate::control::events::Events;
+use crate::control::gossip::Peers;
 use crate::control::revoked::RevokedSet;
 use crate::control::{ControlRequest, ReplyTo};
 use crate::ops::metrics::Metrics;
@@ -25,8 +27,9 @@ use crate::ops::signals::Stop;
 use crate::pool::frame::{self, Kind};
 use crate::pool::{DoneReport, ExitStatus, Pool, PoolEvent};
 use crate::protocol::{ChildMeta, MessageError, TaskMessage};
-use crate::transport::{ControlEvent, Delivery, Incoming, Settle};
+use crate::transport::{ControlEvent, Delivery, Incoming, PeerEvent, QueueSpec, Settle};
 use acker::SettleOp;
+use autoscale::Autoscaler;
 use eta::EtaQueue;
 pub use rate_limit::parse_rate;
 use rate_limit::RateLimits;
@@ -36,6 +39,14 @@ pub use request::{Job, Request};
 async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next item of an optional channel; never, without one.
+async fn recv_or_never<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -99,6 +110,14 @@ pub struct Consumer {
     startup_failures: u32,
     announced_ready: bool,
     stopping: Option<Stop>,
+    /// The queues consumed from now (`add_consumer` / `cancel_consumer` change the set; the
+    /// transport follows it), and every queue the app defines.
+    queues: watch::Sender<Vec<QueueSpec>>,
+    known_queues: Vec<QueueSpec>,
+    /// Gossip: other workers' events, and who is alive.
+    gossip: Option<mpsc::Receiver<PeerEvent>>,
+    peers: Peers,
+    autoscaler: Option<Autoscaler>,
 }
 
 /// A pidbox reply: where, ticket, clock, body.
@@ -121,11 +140,16 @@ pub struct Channels {
     pub settle: mpsc::UnboundedSender<SettleOp>,
     pub window: Arc<Semaphore>,
     pub stop_consuming: watch::Sender<bool>,
+    pub queues: watch::Sender<Vec<QueueSpec>>,
+    pub known_queues: Vec<QueueSpec>,
+    pub gossip: Option<mpsc::Receiver<PeerEvent>>,
 }
 
 impl Consumer {
     pub fn new(settings: Arc<WorkerSettings>, tasks: HashMap<String, TaskOptions>, pool: Pool, ch: Channels) -> Self {
         let concurrency = settings.concurrency;
+        let autoscaler = settings.autoscale.map(|range| Autoscaler::new(range, tokio::time::Instant::now()));
+        let peers = Peers::new(&settings.hostname);
         Consumer {
             settings,
             tasks,
@@ -166,6 +190,11 @@ impl Consumer {
             startup_failures: 0,
             announced_ready: false,
             stopping: None,
+            queues: ch.queues,
+            known_queues: ch.known_queues,
+            gossip: ch.gossip,
+            peers,
+            autoscaler,
         }
     }
 
@@ -187,9 +216,13 @@ impl Consumer {
             let heartbeat = tokio::time::sleep_until(self.next_heartbeat);
             let deadline_sleep = sleep_until_or_never(self.shutdown_deadline);
             let limit_sleep = sleep_until_or_never(self.next_time_limit());
+            let autoscale_sleep = sleep_until_or_never(self.autoscaler.as_ref().map(|a| a.next_check));
             tokio::select! {
                 Some(incoming) = self.deliveries.recv(), if self.stopping.is_none() => match incoming {
-                    Incoming::Delivery(delivery) => self.on_delivery(*delivery),
+                    Incoming::Delivery(delivery) => {
+                        self.on_delivery(*delivery);
+                        self.autoscale(false);
+                    }
                     Incoming::ConnectionLost => self.on_connection_lost(),
                 },
                 Some(event) = self.pool_events.recv() => {
@@ -211,7 +244,16 @@ impl Consumer {
                 _ = eta_sleep => self.release_due(),
                 _ = limit_sleep => self.enforce_time_limits(),
                 _ = rate_sleep => self.release_rate_limited(),
-                _ = heartbeat, if self.announced_ready => self.send_heartbeat(),
+                _ = heartbeat, if self.announced_ready => {
+                    self.send_heartbeat();
+                    self.peers.sweep(std::time::Instant::now());
+                }
+                Some(event) = recv_or_never(&mut self.gossip) => {
+                    if let Some(clock) = self.peers.observe(&event, std::time::Instant::now()) {
+                        self.clock = self.clock.max(clock) + 1;
+                    }
+                }
+                _ = autoscale_sleep => self.autoscale(true),
                 _ = deadline_sleep => return self.shutdown_deadline_passed().await,
             }
             self.resize_pool().await;
@@ -530,20 +572,52 @@ impl Consumer {
         while self.pool.serving() > self.concurrency && self.pool.retire_idle() {}
     }
 
-    /// `pool_grow` / `pool_shrink`: the prefetch window follows, by `n × multiplier`.
-    pub(super) fn resize(&mut self, grow: bool, n: usize) -> bool {
-        let step = n * self.settings.prefetch_multiplier;
-        if grow {
-            self.concurrency += n;
+    /// `Autoscaler.maybe_scale`, run on every task message and periodically: the pool size
+    /// follows the number of reserved requests; `resize_pool` does the spawning and retiring.
+    fn autoscale(&mut self, periodic: bool) {
+        let now = tokio::time::Instant::now();
+        let qty = self.reserved_count();
+        let Some(scaler) = self.autoscaler.as_mut() else { return };
+        if periodic {
+            scaler.checked(now);
+        }
+        if self.stopping.is_none() {
+            if let Some(target) = scaler.target(qty, self.concurrency, now) {
+                self.concurrency = target;
+            }
+        }
+    }
+
+    /// Requests received and not finished, ETA ones excepted (`state.reserved_requests`).
+    fn reserved_count(&self) -> usize {
+        self.active.values().chain(self.ready.iter()).filter(|j| j.task().is_some()).count()
+            + self.rate_limits.iter().count()
+    }
+
+    /// The prefetch window grows or shrinks by `delta` (`Consumer._update_prefetch_count`).
+    fn change_prefetch(&mut self, delta: isize) {
+        let step = delta.unsigned_abs();
+        if delta > 0 {
             self.window.add_permits(step);
             self.prefetch.send_modify(|p| *p += step);
+        } else if delta < 0 {
+            self.window.forget_permits(step);
+            self.prefetch.send_modify(|p| *p = p.saturating_sub(step).max(1));
+        }
+    }
+
+    /// `pool_grow` / `pool_shrink`: the prefetch window follows, by `n × multiplier`.
+    pub(super) fn resize(&mut self, grow: bool, n: usize) -> bool {
+        let step = (n * self.settings.prefetch_multiplier) as isize;
+        if grow {
+            self.concurrency += n;
+            self.change_prefetch(step);
         } else {
             if self.concurrency <= n {
                 return false;
             }
             self.concurrency -= n;
-            self.window.forget_permits(step);
-            self.prefetch.send_modify(|p| *p = p.saturating_sub(step).max(1));
+            self.change_prefetch(-step);
         }
         true
     }

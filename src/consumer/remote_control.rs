@@ -81,6 +81,13 @@ impl Consumer {
                 info!("Events of group {{task}} disabled by remote.");
                 Some(ok("task events disabled"))
             }
+            "pool_grow" | "pool_shrink" if self.autoscaler.is_some() => Some(nok(format!(
+                "{} is not supported with autoscale. Adjust autoscale range instead.",
+                request.method
+            ))),
+            "autoscale" => Some(self.update_autoscale(args)),
+            "add_consumer" => Some(self.add_consumer(args)),
+            "cancel_consumer" => Some(self.cancel_consumer(args)),
             "pool_grow" | "pool_shrink" => {
                 let grow = request.method == "pool_grow";
                 let n = args.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
@@ -122,6 +129,56 @@ impl Consumer {
             self.clock += 1;
             let _ = self.replies.send((to, ticket, self.clock, Value::Object(body)));
         }
+    }
+
+    /// `autoscale max min` (`Autoscaler.update`): the prefetch window follows the new maximum.
+    fn update_autoscale(&mut self, args: &Map<String, Value>) -> Value {
+        let Some(scaler) = self.autoscaler.as_mut() else {
+            return nok("ValueError('Autoscale not enabled')");
+        };
+        let number = |k: &str| {
+            args.get(k).and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))).map(|n| n as usize)
+        };
+        let (max, min) = (number("max"), number("min"));
+        let old_max = scaler.max;
+        if let Some(target) = scaler.update(max, min, self.concurrency) {
+            self.concurrency = target;
+        }
+        let (max, min) = (scaler.max, scaler.min);
+        let delta = (max as isize - old_max as isize) * self.settings.prefetch_multiplier as isize;
+        self.change_prefetch(delta);
+        ok(format!("autoscale now max={max} min={min}"))
+    }
+
+    /// `add_consumer` (`Consumer.add_task_queue`): a queue the app defines is consumed as
+    /// defined; another is created with a direct exchange and routing key of its own name.
+    fn add_consumer(&mut self, args: &Map<String, Value>) -> Value {
+        let Some(queue) = args.get("queue").and_then(Value::as_str).map(str::to_owned) else {
+            return nok("TypeError(\"add_consumer() missing 1 required positional argument: 'queue'\")");
+        };
+        if !self.queues.borrow().iter().any(|q| q.name == queue) {
+            let spec = match self.known_queues.iter().find(|q| q.name == queue) {
+                Some(known) => known.clone(),
+                None => crate::transport::QueueSpec::from_control(&queue, args),
+            };
+            self.queues.send_modify(|queues| queues.push(spec));
+            info!("Started consuming from {queue}");
+        }
+        ok(format!("add consumer {queue}"))
+    }
+
+    /// `cancel_consumer` (`Consumer.cancel_task_queue`).
+    fn cancel_consumer(&mut self, args: &Map<String, Value>) -> Value {
+        let Some(queue) = args.get("queue").and_then(Value::as_str).map(str::to_owned) else {
+            return nok("TypeError(\"cancel_consumer() missing 1 required positional argument: 'queue'\")");
+        };
+        info!("Canceling queue {queue}");
+        self.queues.send_if_modified(|queues| {
+            let before = queues.len();
+            queues.retain(|q| q.name != queue);
+            queues.len() != before
+        });
+        ok(format!("no longer consuming from {queue}"))
     }
 
     /// `celery/worker/control.py: revoke/_revoke`.
@@ -308,7 +365,7 @@ impl Consumer {
     fn stats(&self) -> Value {
         let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok();
         let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-        json!({
+        let mut stats = json!({
             "total": self.totals,
             "pid": std::process::id(),
             "clock": self.clock.to_string(),
@@ -333,14 +390,20 @@ impl Consumer {
                 "nvcsw": u.voluntary_context_switches(),
                 "nivcsw": u.involuntary_context_switches(),
             })),
-        })
+        });
+        if let Some(a) = &self.autoscaler {
+            // `WorkerComponent.info` of the autoscaler bootstep.
+            stats["autoscaler"] =
+                json!({"max": a.max, "min": a.min, "current": self.pool.serving(), "qty": self.reserved_count()});
+        }
+        stats
     }
 
     /// `Queue.as_dict(recurse=True)` for each queue consumed.
     fn active_queues(&self) -> Value {
         let queues: Vec<Value> = self
-            .settings
             .queues
+            .borrow()
             .iter()
             .map(|q| {
                 json!({

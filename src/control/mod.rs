@@ -4,6 +4,7 @@
 //! the commands against its own state (`consumer/remote_control.rs`).
 
 pub mod events;
+pub mod gossip;
 pub mod revoked;
 
 use serde_json::{Map, Value};

@@ -110,6 +110,26 @@ pub fn reply_body(body: &Value) -> Vec<u8> {
     serde_json::to_vec(body).unwrap_or_else(|_| b"null".to_vec())
 }
 
+/// An event another node published on the `celeryev` exchange.
+#[derive(Debug, Clone)]
+pub struct PeerEvent {
+    pub routing_key: String,
+    /// The `hostname` header (protocol 2), else the body's.
+    pub hostname: String,
+    pub body: Value,
+}
+
+impl PeerEvent {
+    /// From a decoded body and the message's headers; `None` for anything but a JSON map.
+    pub fn new(routing_key: &str, headers_hostname: Option<&str>, body: &[u8]) -> Option<PeerEvent> {
+        let body: Value = serde_json::from_slice(body).ok()?;
+        let hostname = headers_hostname
+            .map(str::to_owned)
+            .or_else(|| body.get("hostname").and_then(Value::as_str).map(str::to_owned))?;
+        body.is_object().then(|| PeerEvent { routing_key: routing_key.to_owned(), hostname, body })
+    }
+}
+
 /// A queue the worker consumes from, as the app's `task_queues` / `-Q` define it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct QueueSpec {
@@ -141,6 +161,32 @@ pub struct QueueSpec {
     pub binding_arguments: Map<String, Value>,
 }
 
+impl QueueSpec {
+    /// A queue the app does not define, as `add_consumer` creates it
+    /// (`Consumer.add_task_queue`: the exchange and routing key default to the queue's name).
+    pub fn from_control(name: &str, args: &Map<String, Value>) -> QueueSpec {
+        let text = |k: &str| args.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+        let flag = |k: &str, default: bool| args.get(k).and_then(Value::as_bool).unwrap_or(default);
+        let table = |k: &str| args.get(k).and_then(Value::as_object).cloned().unwrap_or_default();
+        let queue_arguments = table("queue_arguments");
+        QueueSpec {
+            name: name.to_owned(),
+            exchange: text("exchange").unwrap_or_else(|| name.to_owned()),
+            exchange_type: text("exchange_type").unwrap_or_else(direct),
+            routing_key: text("routing_key").unwrap_or_else(|| name.to_owned()),
+            durable: flag("durable", true),
+            auto_delete: flag("auto_delete", false),
+            exclusive: flag("exclusive", false),
+            max_priority: queue_arguments.get("x-max-priority").and_then(Value::as_u64).map(|p| p.min(255) as u8),
+            queue_arguments,
+            exchange_durable: flag("exchange_durable", true),
+            exchange_auto_delete: flag("exchange_auto_delete", false),
+            exchange_arguments: table("exchange_arguments"),
+            binding_arguments: table("binding_arguments"),
+        }
+    }
+}
+
 fn direct() -> String {
     "direct".into()
 }
@@ -168,12 +214,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Declare queues and bindings so producers routing through exchanges reach them.
     fn declare(&self, queues: &[QueueSpec]) -> impl Future<Output = Result<(), TransportError>> + Send;
 
-    /// Consume from `queues` until `stop` turns true. One permit of `window` is taken per
-    /// delivery and given back when it is settled, which is what bounds the prefetch;
-    /// `prefetch` tells brokers that enforce it themselves (AMQP QoS) the current count.
+    /// Consume from `queues` until `stop` turns true, following changes to the set
+    /// (`add_consumer` / `cancel_consumer`: added queues are declared first). One permit of
+    /// `window` is taken per delivery and given back when it is settled, which is what bounds
+    /// the prefetch; `prefetch` tells brokers that enforce it themselves (AMQP QoS) the count.
     fn consume(
         self: Arc<Self>,
-        queues: Vec<QueueSpec>,
+        queues: watch::Receiver<Vec<QueueSpec>>,
         window: Arc<Semaphore>,
         prefetch: watch::Receiver<usize>,
         deliveries: mpsc::Sender<Incoming>,
@@ -222,6 +269,15 @@ pub trait Transport: Send + Sync + 'static {
         hostname: &str,
         body: &Value,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Gossip: deliver the events other nodes publish under `worker.#` until `stop` turns
+    /// true, through a queue whose messages live `ttl_ms` (`celery.events.Receiver`).
+    fn subscribe_worker_events(
+        self: Arc<Self>,
+        ttl_ms: u64,
+        events: mpsc::Sender<PeerEvent>,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()>;
 
     /// Is the consuming connection up right now (for `/readyz`)?
     fn connected(&self) -> bool;

@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    control_request, reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport,
-    TransportError,
+    control_request, reply_body, ControlEvent, Delivery, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle,
+    Transport, TransportError,
 };
 
 const SEP: &str = "\x06\x16";
@@ -122,6 +122,17 @@ fn queue_of_key(key: &str) -> &str {
 }
 
 /// The BRPOP key list: priority-major, queue-minor (`Channel._brpop_start`).
+/// Take `add_consumer` / `cancel_consumer` changes into the round-robin order: dropped
+/// queues leave it, new ones join at the back.
+fn follow_queue_set(names: &mut Vec<String>, wanted: &[QueueSpec]) {
+    names.retain(|n| wanted.iter().any(|q| &q.name == n));
+    for q in wanted {
+        if !names.contains(&q.name) {
+            names.push(q.name.clone());
+        }
+    }
+}
+
 fn brpop_keys(prefix: &str, queues: &[String]) -> Vec<String> {
     PRIORITY_STEPS
         .iter()
@@ -345,6 +356,83 @@ fn parse_stored(stored: &str) -> Option<Held> {
     Some(Held { queue: routing_key.to_owned(), priority: envelope_priority(&props), envelope: envelope.to_string() })
 }
 
+/// What a fanout subscription hands on.
+enum Fanout {
+    /// (Re)subscribed: messages published from now on arrive.
+    Subscribed,
+    Message(Box<Delivery>),
+}
+
+impl RedisTransport {
+    /// Take in `add_consumer` / `cancel_consumer` changes, declaring the bindings of queues
+    /// added so producers routing through their exchanges reach them.
+    async fn follow_queue_changes(&self, queues: &mut watch::Receiver<Vec<QueueSpec>>, names: &mut Vec<String>) {
+        if !queues.has_changed().unwrap_or(false) {
+            return;
+        }
+        let wanted = queues.borrow_and_update().clone();
+        if let Err(e) = self.declare(&wanted).await {
+            warn!("Could not declare the bindings of {:?}: {e}", wanted.iter().map(|q| &q.name));
+        }
+        follow_queue_set(names, &wanted);
+    }
+
+    /// Follow a fanout exchange (PSUBSCRIBE `pattern`) until `stop`, reconnecting with back-off;
+    /// kombu envelopes are decoded, anything else is logged and skipped.
+    fn follow_fanout(
+        self: Arc<Self>,
+        pattern: String,
+        what: &'static str,
+        out: mpsc::Sender<Fanout>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let subscribed = async {
+                    let mut pubsub = self.client.get_async_pubsub().await?;
+                    pubsub.psubscribe(&pattern).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                };
+                let mut pubsub = tokio::select! {
+                    r = subscribed => match r {
+                        Ok(p) => p,
+                        Err(e) => {
+                            warn!("{what}: cannot subscribe to {pattern:?}: {e}");
+                            tokio::select! { _ = tokio::time::sleep(delay) => {}, _ = stop.changed() => return }
+                            delay = (delay * 2).min(Duration::from_secs(10));
+                            continue;
+                        }
+                    },
+                    _ = stop.changed() => return,
+                };
+                delay = Duration::from_millis(200);
+                if out.send(Fanout::Subscribed).await.is_err() {
+                    return;
+                }
+                let mut messages = pubsub.on_message();
+                loop {
+                    let msg = tokio::select! {
+                        m = futures_lite::StreamExt::next(&mut messages) => m,
+                        _ = stop.changed() => return,
+                    };
+                    let Some(msg) = msg else { break };
+                    let Ok(payload) = msg.get_payload::<String>() else { continue };
+                    match decode_envelope(&payload, "") {
+                        Ok(d) => {
+                            if out.send(Fanout::Message(Box::new(d))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => warn!("{what}: not a kombu envelope ({e}), ignored"),
+                    }
+                }
+                warn!("{what}: subscription to {pattern:?} lost; reconnecting");
+            }
+        })
+    }
+}
+
 impl Transport for RedisTransport {
     async fn declare(&self, queues: &[QueueSpec]) -> Result<(), TransportError> {
         // `_kombu.binding.<exchange>` and, since kombu 5.7, the permanent twin for queues
@@ -365,14 +453,14 @@ impl Transport for RedisTransport {
 
     fn consume(
         self: Arc<Self>,
-        queues: Vec<QueueSpec>,
+        mut queues: watch::Receiver<Vec<QueueSpec>>,
         window: Arc<Semaphore>,
         _prefetch: watch::Receiver<usize>,
         deliveries: mpsc::Sender<Incoming>,
         mut stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut names: Vec<String> = queues.iter().map(|q| q.name.clone()).collect();
+            let mut names: Vec<String> = queues.borrow_and_update().iter().map(|q| q.name.clone()).collect();
             let mut conn: Option<MultiplexedConnection> = None;
             let mut backoff = Duration::from_millis(100);
             loop {
@@ -402,14 +490,30 @@ impl Transport for RedisTransport {
                         }
                     }
                 }
+                self.follow_queue_changes(&mut queues, &mut names).await;
+                if names.is_empty() {
+                    // Every queue was cancelled: idle until one is added.
+                    drop(permit);
+                    tokio::select! {
+                        _ = queues.changed() => {}
+                        _ = stop.changed() => return,
+                    }
+                    continue;
+                }
                 let Some(c) = conn.as_mut() else { continue };
                 let keys = brpop_keys(&self.opts.global_keyprefix, &names);
                 let mut brpop = redis::cmd("BRPOP");
                 brpop.arg(&keys).arg(BRPOP_TIMEOUT);
-                let popped: Result<Option<(String, String)>, _> = tokio::select! {
-                    r = brpop.query_async(c) => r,
-                    _ = stop.changed() => return,
-                };
+                // Never abandoned half-way: a BRPOP dropped after Redis popped would lose the
+                // message. It returns within BRPOP_TIMEOUT.
+                let popped: Result<Option<(String, String)>, _> = brpop.query_async(c).await;
+                if *stop.borrow() {
+                    if let Ok(Some((key, raw))) = popped {
+                        // Popped after we were told to stop: back to the front of its queue.
+                        let _: Result<(), _> = c.rpush(&key, &raw).await;
+                    }
+                    return;
+                }
                 let (key, raw) = match popped {
                     Ok(Some(item)) => item,
                     Ok(None) => continue,
@@ -422,6 +526,12 @@ impl Transport for RedisTransport {
                 };
                 let key = key.strip_prefix(&self.opts.global_keyprefix).unwrap_or(&key).to_owned();
                 let queue = queue_of_key(&key).to_owned();
+                self.follow_queue_changes(&mut queues, &mut names).await;
+                if !names.contains(&queue) {
+                    // `cancel_consumer` came while the BRPOP waited: not ours any more.
+                    let _: Result<(), _> = c.rpush(self.key(&key), &raw).await;
+                    continue;
+                }
                 // Round-robin: the queue just served goes to the back (`queue_order_strategy`).
                 if let Some(i) = names.iter().position(|n| *n == queue) {
                     let n = names.remove(i);
@@ -499,59 +609,38 @@ impl Transport for RedisTransport {
         self: Arc<Self>,
         mailbox: Mailbox,
         requests: mpsc::Sender<ControlEvent>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         // Fanout on Redis is PUBLISH to `/<db>.<exchange>` (`fanout_prefix`); kombu's
         // `_kombu.binding.celery.pidbox` member is kept for tools that list mailboxes.
+        let db = self.client.get_connection_info().redis.db;
+        let topic = format!("{}/{db}.{}", self.opts.global_keyprefix, mailbox.exchange());
+        let (tx, mut rx) = mpsc::channel(64);
+        let follower = self.clone().follow_fanout(topic, "pidbox", tx, stop.clone());
         tokio::spawn(async move {
-            let db = self.client.get_connection_info().redis.db;
-            let topic = format!("{}/{db}.{}", self.opts.global_keyprefix, mailbox.exchange());
             let member = format!("{SEP}{SEP}{}", mailbox.queue());
             let mut conn = self.conn.clone();
             let _: Result<(), _> =
                 conn.sadd(self.key(&format!("_kombu.binding.{}", mailbox.exchange())), &member).await;
-            let mut delay = Duration::from_millis(200);
-            loop {
-                let mut pubsub = match self.client.get_async_pubsub().await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        warn!("pidbox: cannot connect to redis: {e}");
-                        tokio::select! { _ = tokio::time::sleep(delay) => {}, _ = stop.changed() => return }
-                        delay = (delay * 2).min(Duration::from_secs(10));
-                        continue;
-                    }
-                };
-                if let Err(e) = pubsub.psubscribe(&topic).await {
-                    warn!("pidbox: cannot subscribe to {topic:?}: {e}");
-                    continue;
-                }
-                delay = Duration::from_millis(200);
-                let _ = requests.send(ControlEvent::Listening).await;
-                let mut messages = pubsub.on_message();
-                loop {
-                    let msg = tokio::select! {
-                        m = futures_lite::StreamExt::next(&mut messages) => m,
-                        _ = stop.changed() => return,
-                    };
-                    let Some(msg) = msg else { break };
-                    let Ok(payload) = msg.get_payload::<String>() else { continue };
-                    match decode_envelope(&payload, "") {
-                        Ok(d) => {
-                            let clock = d.headers.get("clock").and_then(Value::as_u64).unwrap_or(0);
-                            match serde_json::from_slice::<Value>(&d.body) {
-                                Ok(body) => {
-                                    if requests.send(ControlEvent::Request(body, clock)).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e) => warn!("pidbox: undecodable request ({e}), ignored"),
+            while let Some(item) = rx.recv().await {
+                let event = match item {
+                    Fanout::Subscribed => ControlEvent::Listening,
+                    Fanout::Message(d) => {
+                        let clock = d.headers.get("clock").and_then(Value::as_u64).unwrap_or(0);
+                        match serde_json::from_slice::<Value>(&d.body) {
+                            Ok(body) => ControlEvent::Request(body, clock),
+                            Err(e) => {
+                                warn!("pidbox: undecodable request ({e}), ignored");
+                                continue;
                             }
                         }
-                        Err(e) => warn!("pidbox: not a kombu envelope ({e}), ignored"),
                     }
+                };
+                if requests.send(event).await.is_err() {
+                    break;
                 }
-                warn!("pidbox: subscription to {topic:?} lost; reconnecting");
             }
+            follower.abort();
         })
     }
 
@@ -661,6 +750,30 @@ impl Transport for RedisTransport {
         let mut conn = self.conn.clone();
         let _: i64 = conn.publish(topic, envelope).await?;
         Ok(())
+    }
+
+    fn subscribe_worker_events(
+        self: Arc<Self>,
+        _ttl_ms: u64,
+        events: mpsc::Sender<PeerEvent>,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        // kombu's `fanout_patterns`: events go to `/<db>.celeryev/<routing key>`, `#` → `*`.
+        let db = self.client.get_connection_info().redis.db;
+        let pattern = format!("{}/{db}.celeryev/worker.*", self.opts.global_keyprefix);
+        let (tx, mut rx) = mpsc::channel(256);
+        let follower = self.follow_fanout(pattern, "gossip", tx, stop);
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                let Fanout::Message(d) = item else { continue };
+                let hostname = d.headers.get("hostname").and_then(Value::as_str);
+                let Some(event) = PeerEvent::new(&d.routing_key, hostname, &d.body) else { continue };
+                if events.send(event).await.is_err() {
+                    break;
+                }
+            }
+            follower.abort();
+        })
     }
 
     fn connections(&self) -> u64 {

@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    control_request, reply_body, ControlEvent, Delivery, Incoming, Mailbox, QueueSpec, ReplyTo, Settle, Transport,
-    TransportError,
+    control_request, reply_body, ControlEvent, Delivery, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle,
+    Transport, TransportError,
 };
 
 /// Connection settings from the app's configuration (`broker_heartbeat`, ...).
@@ -57,9 +57,9 @@ pub struct AmqpTransport {
     epoch: AtomicU64,
     /// (epoch, delivery tag) handed out and not yet settled, in delivery order.
     held: Mutex<BTreeSet<(u64, u64)>>,
-    queues: Mutex<Vec<QueueSpec>>,
     /// Consumer tags of the current connection, cancelled before messages are given back.
-    consumer_tags: Mutex<Vec<String>>,
+    /// Tags of our live consumers; shared with the tasks that forward their deliveries.
+    consumer_tags: Arc<Mutex<Vec<String>>>,
     /// The remote-control connection's channel, also used to publish replies.
     pidbox_channel: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     /// Consumers are up on a live connection.
@@ -159,8 +159,7 @@ impl AmqpTransport {
             session: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
             held: Mutex::new(BTreeSet::new()),
-            queues: Mutex::new(Vec::new()),
-            consumer_tags: Mutex::new(Vec::new()),
+            consumer_tags: Default::default(),
             pidbox_channel: tokio::sync::Mutex::new(None),
             consuming: Default::default(),
             connections: Default::default(),
@@ -303,9 +302,33 @@ impl AmqpTransport {
         Ok(consumer)
     }
 
+    /// An event receiver as `celery.events.Receiver` declares it: an auto-delete queue
+    /// `celeryev.<uuid>` bound to the `celeryev` topic exchange, messages living `ttl_ms`.
+    async fn open_event_receiver(
+        &self,
+        attempt: usize,
+        ttl_ms: u64,
+    ) -> Result<(Connection, lapin::Consumer), TransportError> {
+        let connection = self.connect_to(attempt, "celeriac-gossip").await?;
+        let channel = connection.create_channel().await?;
+        let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel.exchange_declare("celeryev", ExchangeKind::Topic, opts, FieldTable::default()).await?;
+        let queue = format!("celeryev.{}", uuid::Uuid::new_v4());
+        let mut args = Map::new();
+        args.insert("x-message-ttl".into(), Value::from(ttl_ms));
+        // `event_queue_expires` (60 s).
+        args.insert("x-expires".into(), Value::from(60_000));
+        let opts = QueueDeclareOptions { auto_delete: true, ..Default::default() };
+        channel.queue_declare(&queue, opts, fields::table_from_json(&args)).await?;
+        channel.queue_bind(&queue, "celeryev", "worker.#", QueueBindOptions::default(), FieldTable::default()).await?;
+        let consume = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let consumer = channel.basic_consume(&queue, "", consume, FieldTable::default()).await?;
+        Ok((connection, consumer))
+    }
+
     /// Stop the broker sending more (`basic.cancel`), so what we give back stays in the queue.
     async fn cancel_consumers(&self, channel: &Channel) {
-        let tags: Vec<String> = std::mem::take(&mut *self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()));
+        let tags: Vec<String> = std::mem::take(&mut *self.tags());
         for tag in tags {
             if let Err(e) = channel.basic_cancel(&tag, BasicCancelOptions::default()).await {
                 warn!("Could not cancel consumer {tag}: {e}");
@@ -326,35 +349,77 @@ impl AmqpTransport {
         prefetch: usize,
         merged: &mpsc::Sender<Result<lapin::message::Delivery, lapin::Error>>,
     ) -> Result<(), lapin::Error> {
-        Self::declare_on(&session.channel, queues).await?;
         Self::set_qos(&session.channel, prefetch, !uses_quorum(queues)).await?;
+        self.add_consumers(session, queues, merged).await
+    }
+
+    fn consumer_tag(queue: &str) -> String {
+        format!("celeriac-{}-{queue}", std::process::id())
+    }
+
+    /// Declare `queues` and consume from them on the session's channel.
+    async fn add_consumers(
+        &self,
+        session: &Session,
+        queues: &[QueueSpec],
+        merged: &mpsc::Sender<Result<lapin::message::Delivery, lapin::Error>>,
+    ) -> Result<(), lapin::Error> {
+        Self::declare_on(&session.channel, queues).await?;
         for q in queues {
-            let tag = format!("celeriac-{}-{}", std::process::id(), q.name);
+            let tag = Self::consumer_tag(&q.name);
             let mut consumer = session
                 .channel
                 .basic_consume(&q.name, &tag, BasicConsumeOptions::default(), FieldTable::default())
                 .await?;
-            self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()).push(tag);
+            self.tags().push(tag.clone());
             let merged = merged.clone();
             let queue = q.name.clone();
+            let tags = self.consumer_tags.clone();
             tokio::spawn(async move {
                 while let Some(item) = consumer.next().await {
                     if merged.send(item).await.is_err() {
                         return;
                     }
                 }
-                // The broker cancelled us (queue deleted) or the channel closed.
-                let _ = merged.send(Err(lapin::Error::InvalidChannelState(lapin::ChannelState::Closed))).await;
+                // A consumer we cancelled ourselves (`cancel_consumer`, shutdown) just ends;
+                // otherwise the broker cancelled us (queue deleted) or the channel closed.
+                if tags.lock().unwrap_or_else(|p| p.into_inner()).contains(&tag) {
+                    let _ = merged.send(Err(lapin::Error::InvalidChannelState(lapin::ChannelState::Closed))).await;
+                }
                 debug!("consumer for queue {queue} ended");
             });
         }
         Ok(())
     }
+
+    fn tags(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `add_consumer` / `cancel_consumer` on a live connection: consume from queues that
+    /// joined the set, cancel the consumers of queues that left it. Deliveries already in hand
+    /// from a cancelled queue are settled as usual.
+    async fn follow_queue_set(
+        &self,
+        consumed: &[QueueSpec],
+        wanted: &[QueueSpec],
+        merged: &mpsc::Sender<Result<lapin::message::Delivery, lapin::Error>>,
+    ) -> Result<(), lapin::Error> {
+        let guard = self.session.lock().await;
+        let Some(session) = guard.as_ref() else { return Ok(()) };
+        for gone in consumed.iter().filter(|q| !wanted.iter().any(|w| w.name == q.name)) {
+            let tag = Self::consumer_tag(&gone.name);
+            self.tags().retain(|t| *t != tag);
+            session.channel.basic_cancel(&tag, BasicCancelOptions::default()).await?;
+        }
+        let added: Vec<QueueSpec> =
+            wanted.iter().filter(|w| !consumed.iter().any(|q| q.name == w.name)).cloned().collect();
+        self.add_consumers(session, &added, merged).await
+    }
 }
 
 impl Transport for AmqpTransport {
     async fn declare(&self, queues: &[QueueSpec]) -> Result<(), TransportError> {
-        *self.queues.lock().unwrap_or_else(|p| p.into_inner()) = queues.to_vec();
         let guard = self.session.lock().await;
         let session = guard.as_ref().ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
         Self::declare_on(&session.channel, queues).await?;
@@ -363,16 +428,18 @@ impl Transport for AmqpTransport {
 
     fn consume(
         self: Arc<Self>,
-        queues: Vec<QueueSpec>,
+        mut queues: watch::Receiver<Vec<QueueSpec>>,
         window: Arc<Semaphore>,
         mut prefetch: watch::Receiver<usize>,
         deliveries: mpsc::Sender<Incoming>,
         mut stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let global = !uses_quorum(&queues);
             loop {
+                // Kept open for consumers added later: each consumer task reports its end.
                 let (tx, mut rx) = mpsc::channel(1024);
+                let mut consumed = queues.borrow_and_update().clone();
+                let global = !uses_quorum(&consumed);
                 let epoch = {
                     let mut guard = self.session.lock().await;
                     if guard.is_none() {
@@ -387,7 +454,7 @@ impl Transport for AmqpTransport {
                         return;
                     };
                     let current = *prefetch.borrow();
-                    if let Err(e) = self.start_consumers(session, &queues, current, &tx).await {
+                    if let Err(e) = self.start_consumers(session, &consumed, current, &tx).await {
                         error!("consumer: Cannot consume from {}: {e}", self.display);
                         *guard = None;
                         drop(guard);
@@ -396,7 +463,6 @@ impl Transport for AmqpTransport {
                     }
                     session.epoch
                 };
-                drop(tx);
                 self.consuming.store(true, Ordering::Relaxed);
                 self.connections.fetch_add(1, Ordering::Relaxed);
                 if epoch > 1 {
@@ -435,13 +501,22 @@ impl Transport for AmqpTransport {
                                 }
                             }
                         }
+                        changed = queues.changed() => {
+                            if changed.is_err() { return; }
+                            let wanted = queues.borrow_and_update().clone();
+                            if let Err(e) = self.follow_queue_set(&consumed, &wanted, &tx).await {
+                                error!("consumer: Cannot change the queues consumed from: {e}");
+                                break;
+                            }
+                            consumed = wanted;
+                        }
                         _ = stop.changed() => return,
                     }
                 }
                 self.consuming.store(false, Ordering::Relaxed);
                 // The broker requeues everything this connection held.
                 *self.session.lock().await = None;
-                self.consumer_tags.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.tags().clear();
                 self.held().retain(|(e, _)| *e != epoch);
                 if deliveries.send(Incoming::ConnectionLost).await.is_err() {
                     return;
@@ -669,6 +744,47 @@ impl Transport for AmqpTransport {
             .with_headers(headers);
         channel.basic_publish("celeryev", routing_key, Default::default(), &reply_body(body), props).await?;
         Ok(())
+    }
+
+    fn subscribe_worker_events(
+        self: Arc<Self>,
+        ttl_ms: u64,
+        events: mpsc::Sender<PeerEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut attempt = 0;
+            loop {
+                let opened = tokio::select! {
+                    r = self.open_event_receiver(attempt, ttl_ms) => r,
+                    _ = stop.changed() => return,
+                };
+                match opened {
+                    Ok((_connection, mut consumer)) => loop {
+                        let item = tokio::select! {
+                            i = consumer.next() => i,
+                            _ = stop.changed() => return,
+                        };
+                        let Some(Ok(d)) = item else { break };
+                        let hostname = d
+                            .properties
+                            .headers()
+                            .as_ref()
+                            .and_then(|h| h.inner().get("hostname"))
+                            .and_then(|v| fields::to_json(v).as_str().map(str::to_owned));
+                        let Some(event) = PeerEvent::new(d.routing_key.as_str(), hostname.as_deref(), &d.data) else {
+                            continue;
+                        };
+                        if events.send(event).await.is_err() {
+                            return;
+                        }
+                    },
+                    Err(e) => debug!("gossip: cannot receive worker events: {e}"),
+                }
+                attempt += 1;
+                tokio::select! { _ = tokio::time::sleep(Duration::from_secs(2)) => {}, _ = stop.changed() => return }
+            }
+        })
     }
 
     fn connections(&self) -> u64 {
