@@ -64,6 +64,55 @@ pub struct Cli {
 pub enum Command {
     /// Start a worker (as `celery worker`).
     Worker(Box<WorkerArgs>),
+    /// Run the periodic task scheduler alone (as `celery beat`).
+    Beat(Box<BeatArgs>),
+    /// Print the settings a worker would run with, and where each came from.
+    Config(Box<ConfigArgs>),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArgs {
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    /// Print JSON (`{setting: {"value": ..., "source": ...}}`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `celery beat` options.
+#[derive(Debug, Args, Clone)]
+pub struct BeatArgs {
+    /// Logging level: DEBUG, INFO, WARNING, ERROR, CRITICAL, FATAL.
+    #[arg(short = 'l', long = "loglevel", env = "CELERIAC_LOGLEVEL", default_value = "WARNING", value_parser = parse_loglevel)]
+    pub loglevel: String,
+
+    /// The schedule state file of the default scheduler (`beat_schedule_filename`).
+    #[arg(short = 's', long = "schedule", env = "CELERIAC_BEAT_SCHEDULE")]
+    pub schedule: Option<String>,
+
+    /// Scheduler class (`beat_scheduler`), e.g. `django_celery_beat.schedulers:DatabaseScheduler`.
+    #[arg(short = 'S', long = "scheduler", env = "CELERIAC_BEAT_SCHEDULER")]
+    pub scheduler: Option<String>,
+
+    /// Longest sleep, in seconds, between two looks at the schedule (`beat_max_loop_interval`).
+    #[arg(long = "max-interval", env = "CELERIAC_BEAT_MAX_INTERVAL")]
+    pub max_interval: Option<f64>,
+
+    /// Send without taking the leader lock in the broker (stock behaviour: run one beat only).
+    #[arg(long = "without-beat-lock", env = "CELERIAC_WITHOUT_BEAT_LOCK")]
+    pub without_beat_lock: bool,
+
+    /// Write beat's pid here; refuse to start if another live process owns it.
+    #[arg(long = "pidfile", env = "CELERIAC_PIDFILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Log to this file instead of stderr.
+    #[arg(short = 'f', long = "logfile", env = "CELERIAC_LOGFILE")]
+    pub logfile: Option<std::path::PathBuf>,
+
+    /// `text` (Celery's format) or `json` (one object per line, for log shippers).
+    #[arg(long = "log-format", env = "CELERIAC_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::ops::logging::LogFormat,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -161,6 +210,26 @@ pub struct WorkerArgs {
     #[arg(long = "log-format", env = "CELERIAC_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::ops::logging::LogFormat,
 
+    /// Run beat, the periodic task scheduler, inside the worker.
+    #[arg(short = 'B', long = "beat", env = "CELERIAC_BEAT")]
+    pub beat: bool,
+
+    /// With -B: the schedule state file of the default scheduler (`beat_schedule_filename`).
+    #[arg(short = 's', long = "schedule-filename", visible_alias = "schedule", env = "CELERIAC_BEAT_SCHEDULE")]
+    pub schedule_filename: Option<String>,
+
+    /// With -B: the scheduler class (`beat_scheduler`).
+    #[arg(long = "scheduler", env = "CELERIAC_BEAT_SCHEDULER")]
+    pub scheduler: Option<String>,
+
+    /// With -B: send without taking the leader lock in the broker (stock behaviour).
+    #[arg(long = "without-beat-lock", env = "CELERIAC_WITHOUT_BEAT_LOCK")]
+    pub without_beat_lock: bool,
+
+    /// Grow the pool up to MAX children under load and shrink it to MIN when idle: `MAX,MIN`.
+    #[arg(long = "autoscale", env = "CELERIAC_AUTOSCALE")]
+    pub autoscale: Option<String>,
+
     #[command(flatten)]
     pub not_yet: NotYetImplemented,
 }
@@ -186,14 +255,6 @@ pub struct NotYetImplemented {
     pub purge: bool,
     #[arg(short = 'I', long = "include", env = "CELERIAC_INCLUDE", hide = true)]
     pub include: Option<String>,
-    #[arg(long = "autoscale", env = "CELERIAC_AUTOSCALE", hide = true)]
-    pub autoscale: Option<String>,
-    #[arg(short = 'B', long = "beat", env = "CELERIAC_BEAT", hide = true)]
-    pub beat: bool,
-    #[arg(short = 's', long = "schedule-filename", visible_alias = "schedule", hide = true)]
-    pub schedule_filename: Option<String>,
-    #[arg(long = "scheduler", env = "CELERIAC_SCHEDULER", hide = true)]
-    pub scheduler: Option<String>,
     #[arg(long = "disable-prefetch", env = "CELERIAC_DISABLE_PREFETCH", hide = true)]
     pub disable_prefetch: bool,
 }
@@ -216,10 +277,6 @@ impl NotYetImplemented {
         note(self.pool_start_method.is_some(), "--pool-start-method");
         note(self.purge, "--purge");
         note(self.include.is_some(), "--include");
-        note(self.autoscale.is_some(), "--autoscale");
-        note(self.beat, "--beat");
-        note(self.schedule_filename.is_some(), "--schedule-filename");
-        note(self.scheduler.is_some(), "--scheduler");
         note(self.disable_prefetch, "--disable-prefetch");
         out
     }
@@ -255,7 +312,7 @@ mod tests {
         let c = parse(&["celeriac", "worker", "--app=core", "--loglevel=INFO"]);
         for cli in [a, b, c] {
             assert_eq!(cli.app.as_deref(), Some("core"));
-            let Command::Worker(w) = cli.command;
+            let Command::Worker(w) = cli.command else { panic!("not a worker") };
             assert_eq!(w.loglevel, "INFO");
         }
     }
@@ -282,7 +339,7 @@ mod tests {
             "--without-heartbeat",
             "-E",
         ]);
-        let Command::Worker(w) = cli.command;
+        let Command::Worker(w) = cli.command else { panic!("not a worker") };
         assert_eq!(w.concurrency, Some(3));
         assert_eq!(w.queues.as_deref(), Some("a,b"));
         assert_eq!(w.hostname.as_deref(), Some("w1@%h"));
@@ -292,9 +349,20 @@ mod tests {
 
     #[test]
     fn stock_flags_not_implemented_are_accepted() {
-        let cli = parse(&["celeriac", "-A", "x", "worker", "-B", "--autoscale", "4,2", "-P", "prefork"]);
-        let Command::Worker(w) = cli.command;
-        assert_eq!(w.not_yet.given(), vec!["--autoscale", "--beat"]);
+        let cli = parse(&["celeriac", "-A", "x", "worker", "--purge", "-B", "--autoscale", "4,2", "-P", "prefork"]);
+        let Command::Worker(w) = cli.command else { panic!("not a worker") };
+        assert_eq!(w.not_yet.given(), vec!["--purge"]);
+        assert!(w.beat && w.autoscale.as_deref() == Some("4,2"));
+    }
+
+    #[test]
+    fn beat_and_config_commands() {
+        let cli = parse(&["celeriac", "-A", "x", "beat", "-l", "info", "-s", "/tmp/s", "-S", "my:Scheduler"]);
+        let Command::Beat(b) = cli.command else { panic!("not beat") };
+        assert_eq!((b.schedule.as_deref(), b.scheduler.as_deref()), (Some("/tmp/s"), Some("my:Scheduler")));
+        let cli = parse(&["celeriac", "-A", "x", "config", "-c", "3", "--json"]);
+        let Command::Config(c) = cli.command else { panic!("not config") };
+        assert!(c.json && c.worker.concurrency == Some(3));
     }
 
     #[test]

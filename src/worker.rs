@@ -7,8 +7,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{error, info, warn};
 
-use crate::cli::{Cli, WorkerArgs};
-use crate::config::{zygote_options, AppInfo, WorkerSettings};
+use crate::beat;
+use crate::cli::{BeatArgs, Cli, WorkerArgs};
+use crate::config::effective::{self, Given};
+use crate::config::{beat_zygote_options, zygote_options, AppInfo, WorkerSettings};
 use crate::consumer::{acker, Channels, Consumer};
 use crate::control::events::Events;
 use crate::embed::interpreter;
@@ -27,68 +29,120 @@ const CONNECT_RETRIES: u32 = 100;
 
 /// Entry point; returns the process exit code. Must run before any thread is started.
 pub fn run(cli: &Cli, worker: &WorkerArgs) -> i32 {
-    if let Err(e) = logging::init(&worker.loglevel, worker.log_format, worker.logfile.as_deref()) {
+    for flag in worker.not_yet.given() {
+        eprintln!(
+            "celeriac: {flag} is accepted for compatibility with `celery worker` but not implemented yet; ignoring it"
+        );
+    }
+    match prepare(cli, &LogOptions::of(worker), zygote_options(cli, worker)) {
+        Ok((pending, runtime)) => runtime.block_on(supervise(pending, worker.clone())),
+        Err(code) => code,
+    }
+}
+
+/// `celeriac config`: load the app as `worker` would and print the effective settings, each
+/// with its source; start nothing.
+pub fn show_config(cli: &Cli, worker: &WorkerArgs, given: &dyn Fn(&str) -> Given, as_json: bool) -> i32 {
+    let mut options = zygote_options(cli, worker);
+    options["role"] = "config".into();
+    let (pending, runtime) = match prepare(cli, &LogOptions::of(worker), options) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let (pool_tx, _pool_rx) = mpsc::unbounded_channel();
+        let (mut zygote, app, settings) = match load_app(pending, pool_tx, worker).await {
+            Ok(loaded) => loaded,
+            Err(code) => return code,
+        };
+        zygote.close();
+        let lines = effective::report(worker, given, &app, &settings);
+        if as_json {
+            println!("{}", effective::to_json(&lines));
+        } else {
+            print!("{}", effective::render(&lines));
+        }
+        0
+    })
+}
+
+/// How to log: `--loglevel`, `--log-format`, `--logfile`.
+struct LogOptions<'a> {
+    loglevel: &'a str,
+    format: logging::LogFormat,
+    logfile: Option<&'a std::path::Path>,
+}
+
+impl<'a> LogOptions<'a> {
+    fn of(worker: &'a WorkerArgs) -> Self {
+        LogOptions { loglevel: &worker.loglevel, format: worker.log_format, logfile: worker.logfile.as_deref() }
+    }
+}
+
+/// What `worker`, `beat` and `config` do first: logging, `--workdir`, the interpreter check, the
+/// zygote (forked before any thread exists) and the async runtime.
+fn prepare(
+    cli: &Cli,
+    log: &LogOptions<'_>,
+    zygote_options: serde_json::Value,
+) -> Result<(zygote::PendingZygote, tokio::runtime::Runtime), i32> {
+    if let Err(e) = logging::init(log.loglevel, log.format, log.logfile) {
         eprintln!("celeriac: cannot open the log file: {e}");
-        return 1;
+        return Err(1);
     }
     if let Some(dir) = &cli.workdir {
         if let Err(e) = std::env::set_current_dir(dir) {
             error!("Cannot change to --workdir {}: {e}", dir.display());
-            return 1;
+            return Err(1);
         }
     }
     if cli.app_locator().is_none() {
         error!("No Celery app given: pass -A/--app (e.g. `celeriac -A core worker`) or set CELERY_APP");
-        return 1;
+        return Err(1);
     }
     let python = interpreter::choose(cli.python.as_deref());
     if let Err(msg) = interpreter::check_compatible(&python) {
         error!("{msg}");
-        return 1;
-    }
-    for flag in worker.not_yet.given() {
-        warn!("{flag} is accepted for compatibility with `celery worker` but not implemented by celeriac yet; ignoring it");
+        return Err(1);
     }
     // Fork the zygote first: the process must have no threads when it forks.
-    let pending = match zygote::start(zygote_options(cli, worker).to_string(), python) {
-        Ok(p) => p,
-        Err(e) => {
-            error!("{e}");
-            return 1;
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("Cannot start the async runtime: {e}");
-            return 1;
-        }
-    };
-    runtime.block_on(supervise(pending, worker.clone()))
+    let pending = zygote::start(zygote_options.to_string(), python).map_err(|e| {
+        error!("{e}");
+        1
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        error!("Cannot start the async runtime: {e}");
+        1
+    })?;
+    Ok((pending, runtime))
+}
+
+/// Wait for the zygote to load the app; resolve the worker's settings against it.
+async fn load_app(
+    pending: zygote::PendingZygote,
+    pool_tx: mpsc::UnboundedSender<crate::pool::PoolEvent>,
+    worker: &WorkerArgs,
+) -> Result<(zygote::Zygote, AppInfo, WorkerSettings), i32> {
+    let (zygote, info) = pending.bootstrap(pool_tx).await.map_err(|e| {
+        error!("{e}");
+        1
+    })?;
+    let app: AppInfo = serde_json::from_slice(&info).map_err(|e| {
+        error!("The zygote reported an unreadable configuration: {e}");
+        1
+    })?;
+    let settings = WorkerSettings::resolve(worker, &app).map_err(|e| {
+        error!("{e}");
+        1
+    })?;
+    Ok((zygote, app, settings))
 }
 
 async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
     let (pool_tx, pool_rx) = mpsc::unbounded_channel();
-    let (zygote, info) = match pending.bootstrap(pool_tx.clone()).await {
-        Ok(z) => z,
-        Err(e) => {
-            error!("{e}");
-            return 1;
-        }
-    };
-    let app: AppInfo = match serde_json::from_slice(&info) {
-        Ok(a) => a,
-        Err(e) => {
-            error!("The zygote reported an unreadable configuration: {e}");
-            return 1;
-        }
-    };
-    let settings = match WorkerSettings::resolve(&worker, &app) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            error!("{e}");
-            return 1;
-        }
+    let (zygote, app, settings) = match load_app(pending, pool_tx.clone(), &worker).await {
+        Ok((zygote, app, settings)) => (zygote, app, Arc::new(settings)),
+        Err(code) => return code,
     };
     let _pidfile = match worker.pidfile.as_deref().map(Pidfile::create).transpose() {
         Ok(p) => p,
@@ -104,17 +158,28 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
             return 1;
         }
     };
-    let scheme = app.broker_url.split("://").next().unwrap_or("").to_owned();
+    let app_for_connect = app.clone();
     let parts = Parts { settings, app, zygote, pool_tx, pool_rx, stops };
-    match scheme.as_str() {
+    connect_and_run(&app_for_connect, Role::Worker(parts)).await
+}
+
+/// What runs once the broker is connected: a worker (with its consumer), or beat alone.
+enum Role {
+    Worker(Parts),
+    Beat(BeatParts),
+}
+
+/// Connect to the app's broker (retrying as `broker_connection_retry_on_startup` says) and run.
+async fn connect_and_run(app: &AppInfo, role: Role) -> i32 {
+    let scheme = app.broker_url.split("://").next().unwrap_or("");
+    match scheme {
         "redis" | "redis+socket" | "unix" => {
-            let opts = RedisOptions::from_transport_options(&parts.app.conf.broker_transport_options);
-            let url = parts.app.broker_url.clone();
-            let connected = with_retries(&parts.app, || RedisTransport::connect(&url, opts.clone())).await;
-            start(connected, parts).await
+            let opts = RedisOptions::from_transport_options(&app.conf.broker_transport_options);
+            let connected = with_retries(app, || RedisTransport::connect(&app.broker_url, opts.clone())).await;
+            run_role(connected, app, role).await
         }
         "amqp" | "pyamqp" | "amqps" | "pyamqps" | "librabbitmq" => {
-            let conf = &parts.app.conf;
+            let conf = &app.conf;
             let opts = AmqpOptions {
                 tls_ca_file: conf
                     .broker_use_ssl
@@ -126,14 +191,28 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
                 connect_timeout_ms: conf.broker_connection_timeout.map(|t| (t * 1000.0) as u64),
                 max_retries: conf.broker_connection_max_retries,
             };
-            let (url, display) = (parts.app.broker_url.clone(), parts.app.broker_display.clone());
-            let connected = with_retries(&parts.app, || AmqpTransport::connect(&url, &display, opts.clone())).await;
-            start(connected, parts).await
+            let connect = || AmqpTransport::connect(&app.broker_url, &app.broker_display, opts.clone());
+            let connected = with_retries(app, connect).await;
+            run_role(connected, app, role).await
         }
         _ => {
-            error!("{}", TransportError::UnsupportedUrl(parts.app.broker_display.clone()));
+            error!("{}", TransportError::UnsupportedUrl(app.broker_display.clone()));
             1
         }
+    }
+}
+
+async fn run_role<T: Transport>(connected: Result<T, TransportError>, app: &AppInfo, role: Role) -> i32 {
+    let transport = match connected {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            error!("consumer: Cannot connect to {}: {e}", app.broker_display);
+            return 1;
+        }
+    };
+    match role {
+        Role::Worker(parts) => start(transport, parts).await,
+        Role::Beat(parts) => serve_beat(transport, parts).await,
     }
 }
 
@@ -147,14 +226,7 @@ struct Parts {
     stops: mpsc::UnboundedReceiver<signals::Stop>,
 }
 
-async fn start<T: Transport>(connected: Result<T, TransportError>, parts: Parts) -> i32 {
-    let transport = match connected {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
-            error!("consumer: Cannot connect to {}: {e}", parts.app.broker_display);
-            return 1;
-        }
-    };
+async fn start<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     if let Err(e) = transport.declare(&parts.settings.queues).await {
         error!("Cannot declare queues: {e}");
         return 1;
@@ -162,6 +234,91 @@ async fn start<T: Transport>(connected: Result<T, TransportError>, parts: Parts)
     println!("{}", banner::render(&parts.app, &parts.settings));
     info!("Connected to {}", parts.app.broker_display);
     run_consumer(transport, parts).await
+}
+
+/// `celeriac beat`: what it needs besides the transport.
+struct BeatParts {
+    app: AppInfo,
+    zygote: zygote::Zygote,
+    stops: mpsc::UnboundedReceiver<signals::Stop>,
+    options: beat::BeatOptions,
+}
+
+/// Entry point of `celeriac beat`; returns the process exit code.
+pub fn run_beat(cli: &Cli, args: &BeatArgs) -> i32 {
+    let log = LogOptions { loglevel: &args.loglevel, format: args.log_format, logfile: args.logfile.as_deref() };
+    let (pending, runtime) = match prepare(cli, &log, beat_zygote_options(cli, args)) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let (pool_tx, _pool_rx) = mpsc::unbounded_channel();
+        let (zygote, info) = match pending.bootstrap(pool_tx).await {
+            Ok(z) => z,
+            Err(e) => {
+                error!("{e}");
+                return 1;
+            }
+        };
+        let app: AppInfo = match serde_json::from_slice(&info) {
+            Ok(a) => a,
+            Err(e) => {
+                error!("The zygote reported an unreadable configuration: {e}");
+                return 1;
+            }
+        };
+        let _pidfile = match args.pidfile.as_deref().map(Pidfile::create).transpose() {
+            Ok(p) => p,
+            Err(e) => {
+                error!("{e}");
+                return 1;
+            }
+        };
+        let stops = match signals::listen() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("Cannot install signal handlers: {e}");
+                return 1;
+            }
+        };
+        let options = beat::BeatOptions {
+            schedule_filename: args.schedule.clone(),
+            scheduler: args.scheduler.clone(),
+            max_interval: args.max_interval,
+            standalone: true,
+            loglevel: args.loglevel.clone(),
+            logfile: args.logfile.clone(),
+            leader_lock: !args.without_beat_lock,
+        };
+        let app_for_connect = app.clone();
+        connect_and_run(&app_for_connect, Role::Beat(BeatParts { app, zygote, stops, options })).await
+    })
+}
+
+/// Run the beat process until a shutdown signal (exit 0, as stock beat) or until it dies.
+async fn serve_beat<T: Transport>(transport: Arc<T>, parts: BeatParts) -> i32 {
+    let BeatParts { app, mut zygote, mut stops, options } = parts;
+    let process = match beat::spawn(&mut zygote, &options).await {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let lock = beat::lock_name(app.main.as_deref());
+    let holder = format!("{}.{}", app.hostname, std::process::id());
+    let mut leading = tokio::spawn(beat::lead(transport, process, options, lock, holder, stop_rx));
+    let code = tokio::select! {
+        _ = stops.recv() => {
+            let _ = stop_tx.send(true);
+            let _ = (&mut leading).await;
+            0
+        }
+        _ = &mut leading => 1,
+    };
+    zygote.close();
+    code
 }
 
 /// Connect at start-up, retrying as `broker_connection_retry_on_startup` does.
@@ -218,6 +375,7 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     } else {
         (None, None)
     };
+    let stop_rx_beat = stop_rx.clone();
     let mailbox = transport.clone().pidbox(app.mailbox(), control_tx, stop_rx);
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
     let (event_tx, event_rx) = mpsc::unbounded_channel();
@@ -232,6 +390,22 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     );
     let replier = tokio::spawn(send_replies(transport.clone(), reply_rx));
     let acking = tokio::spawn(acker::run(transport.clone(), settle_rx, window.clone()));
+    let mut zygote = zygote;
+    let beat = match &settings.beat {
+        Some(options) => match beat::spawn(&mut zygote, options).await {
+            Ok(process) => {
+                let holder = format!("{}.{}", settings.hostname, std::process::id());
+                let lock = beat::lock_name(app.main.as_deref());
+                let stop = stop_rx_beat.clone();
+                Some(tokio::spawn(beat::lead(transport.clone(), process, options.clone(), lock, holder, stop)))
+            }
+            Err(e) => {
+                error!("{e}");
+                None
+            }
+        },
+        None => None,
+    };
     let pool = Pool::new(zygote, pool_tx);
     let mut revoked = app.revoked.clone();
     if settings.mingle {
@@ -262,6 +436,9 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     };
     let consumer = Consumer::new(settings, app.tasks, pool, channels);
     let code = consumer.run(stops).await;
+    if let Some(b) = beat {
+        let _ = b.await;
+    }
     // The consumer dropped its settle sender: the acker drains what is left and ends.
     let _ = consuming.await;
     maintenance.abort();

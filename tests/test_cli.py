@@ -62,9 +62,9 @@ def test_app_after_subcommand_and_module_attr_form(worker):
 
 
 def test_stock_flags_not_implemented_warn(worker):
-    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--autoscale", "4,2", "-O", "fair",
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--include", "testapp", "-O", "fair",
                 "--without-mingle", "--without-gossip", "--without-heartbeat", "-E"]).wait_ready()
-    assert "--autoscale is accepted for compatibility" in w.log()
+    assert "--include is accepted for compatibility" in w.log()
     assert testapp.add.delay(2, 2).get(timeout=10) == 4
 
 
@@ -107,3 +107,27 @@ def test_unreachable_broker_at_start_up(broker):
         # With retries, it says it is retrying, and gives up after broker_connection_max_retries.
         p = run(["-A", "testapp", "worker", "-c", "1"], env={"CELERIAC_TEST_BROKER": url, "TESTAPP_MAX_RETRIES": "1"})
         assert p.returncode == 1 and "Trying again in" in p.stderr
+
+
+def test_config_prints_the_effective_settings_and_their_sources(broker):
+    import json
+
+    p = run(["-A", "testapp", "-b", "redis://:s3cret@127.0.0.1:6379/10", "config", "-c", "3", "--json",
+             "--autoscale", "6,2"], env={"CELERIAC_PREFETCH_MULTIPLIER": "2"})
+    assert p.returncode == 0, p.stderr
+    conf = json.loads(p.stdout)
+    assert conf["concurrency"] == {"value": 2, "source": "command line"}  # autoscale's minimum
+    assert conf["autoscale"] == {"value": [6, 2], "source": "command line"}
+    assert conf["prefetch_multiplier"] == {"value": 2, "source": "environment (CELERIAC_PREFETCH_MULTIPLIER)"}
+    assert conf["prefetch_count"]["value"] == 12
+    assert conf["accept_content"] == {"value": ["application/json"], "source": "app (accept_content)"}
+    assert conf["result_backend"]["source"] == "app (result_backend)"
+    assert conf["broker_url"]["source"] == "command line"
+    assert conf["mingle"] == {"value": True, "source": "default"}
+    assert "s3cret" not in p.stdout + p.stderr
+    # The table form says the same; nothing was started or consumed.
+    table = run(["-A", "testapp", "config", "--without-gossip"])
+    assert table.returncode == 0, table.stderr
+    assert any(line.split()[:2] == ["gossip", "false"] and line.endswith("command line")
+               for line in table.stdout.splitlines()), table.stdout
+    assert broker.ready("celery") == 0

@@ -24,6 +24,11 @@ MARK_FAILURE = 11  # payload: json, an outcome no task run produced (unregistere
 # child -> supervisor
 READY = 20  # payload: json {"pid": p}
 DONE = 21  # payload: json {"outcome": ..., "runtime": s, "requeue": bool}
+# supervisor -> beat process (a child forked with FORK {"role": "beat", ...})
+BEAT_LEAD = 30  # payload: json, the schedule state the last leader shared ({} if none): send due tasks
+BEAT_FOLLOW = 31  # empty: another replica leads now; stop sending
+# beat process -> supervisor
+BEAT_STATE = 32  # payload: json {entry: {"last_run_at": iso, "total_run_count": n}} after sending
 
 _HEADER = struct.Struct(">IB")
 _U32 = struct.Struct(">I")

@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import traceback
 
 from celeriac import frames
@@ -254,6 +255,19 @@ def start_worker(app, hostname, options, level):
     return shim
 
 
+def start_plain(app, options, level):
+    """Start-up of a process that is not a worker (`celeriac beat`, `celeriac config`), as
+    `celery beat` does it (`celery/apps/beat.py`): import the task modules and set up logging;
+    no worker signals."""
+    app.log.setup(level, options.get("logfile"), True, "WARNING")
+    if options.get("log_format") == "json":
+        from celeriac import jsonlog
+
+        jsonlog.install()
+    app.loader.init_worker()
+    app.finalize()
+
+
 def _hostname(options):
     from celery.utils.nodenames import default_nodename, host_format
 
@@ -276,11 +290,17 @@ def main(control_fd, options_json):
     options = json.loads(options_json)
     control = socket.socket(fileno=control_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    # So is a SIGTERM sent to the whole process group (`timeout`, `kill -- -PGID`): the
+    # supervisor ends the zygote by closing its socket once the warm shutdown is done.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     level = _apply_environment(options)
     try:
         hostname = _hostname(options)
         app = load_app(options)
-        start_worker(app, hostname, options, level)
+        if options.get("role") in ("beat", "config"):
+            start_plain(app, options, level)
+        else:
+            start_worker(app, hostname, options, level)
         statedb = StateDB(app, options)
         info = bootstrap_info(app, hostname, options)
         info["revoked"] = statedb.revoked()
@@ -306,6 +326,7 @@ def _serve(control, app, hostname, options, statedb):
     # along with its bytes (SCM_RIGHTS), in order.
     buffer, pending_fds = b"", []
     shim = WorkerShim(app, hostname, options)
+    beat_pids = []
     while True:
         try:
             ready, _, _ = select.select([control, wake_r], [], [])
@@ -321,7 +342,10 @@ def _serve(control, app, hostname, options, statedb):
         except ConnectionResetError:
             msg, fds = b"", []
         if not msg:
-            return 0  # the supervisor is gone or done: children die with us (pdeathsig)
+            # The supervisor is gone or done: children die with us (pdeathsig), but the beat
+            # process first saves its schedule.
+            _stop_beat(beat_pids)
+            return 0
         buffer += msg
         pending_fds.extend(fds)
         while len(buffer) >= 5:
@@ -330,8 +354,10 @@ def _serve(control, app, hostname, options, statedb):
                 break
             kind, payload, buffer = buffer[4], buffer[5:4 + length], buffer[4 + length:]
             if kind == frames.FORK and pending_fds:
-                _fork_child(json.loads(payload)["index"], pending_fds.pop(0), control, (wake_r, wake_w),
-                            app, hostname, options)
+                spec = json.loads(payload)
+                pid = _fork_child(spec, pending_fds.pop(0), control, (wake_r, wake_w), app, hostname, options)
+                if spec.get("role") == "beat":
+                    beat_pids.append(pid)
             elif kind == frames.SAVE_STATE:
                 try:
                     state = json.loads(payload)
@@ -352,21 +378,52 @@ def _serve(control, app, hostname, options, statedb):
                 _send(control, frames.SIGNAL_SENT, {"signal": event.get("signal")})
 
 
-def _fork_child(index, fd, control, wake, app, hostname, options):
+def _fork_child(spec, fd, control, wake, app, hostname, options):
+    """Fork a pool child, or the beat process (`{"role": "beat"}`)."""
+    index = spec.get("index", 0)
     pid = os.fork()
     if pid == 0:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for w in wake:
             os.close(w)
         control.close()
-        from celeriac import child
+        code = 1
+        try:
+            if spec.get("role") == "beat":
+                from celeriac import beat
 
-        code = child.run(fd, index, app, hostname, options)
+                code = beat.run(fd, app, spec.get("beat") or {})
+            else:
+                from celeriac import child
+
+                code = child.run(fd, index, app, hostname, options)
+        except BaseException:
+            logger.exception("Process %s failed", spec.get("role", "child"))
         logging.shutdown()
         os._exit(code)
     os.close(fd)
     _send(control, frames.FORKED, {"index": index, "pid": pid})
+    return pid
+
+
+def _stop_beat(pids, timeout=10.0):
+    """SIGTERM the beat process (it saves its schedule, then exits) and wait for it."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            time.sleep(0.05)
 
 
 def _send_task_received(payload, app, hostname, shim):

@@ -15,11 +15,12 @@ use pyo3::prelude::*;
 use pyo3::types::PyModule;
 
 /// The Python half of the runtime, embedded so a single binary is all users install.
-const MODULES: [(&str, &str, &str); 5] = [
+const MODULES: [(&str, &str, &str); 6] = [
     ("celeriac", "celeriac/__init__.py", include_str!("../../python/celeriac/__init__.py")),
     ("celeriac.frames", "celeriac/frames.py", include_str!("../../python/celeriac/frames.py")),
     ("celeriac.jsonlog", "celeriac/jsonlog.py", include_str!("../../python/celeriac/jsonlog.py")),
     ("celeriac.child", "celeriac/child.py", include_str!("../../python/celeriac/child.py")),
+    ("celeriac.beat", "celeriac/beat.py", include_str!("../../python/celeriac/beat.py")),
     ("celeriac.zygote", "celeriac/zygote.py", include_str!("../../python/celeriac/zygote.py")),
 ];
 

@@ -25,6 +25,9 @@ pub enum Kind {
     MarkFailure = 11,
     Ready = 20,
     Done = 21,
+    BeatLead = 30,
+    BeatFollow = 31,
+    BeatState = 32,
 }
 
 impl Kind {
@@ -44,6 +47,9 @@ impl Kind {
             11 => Kind::MarkFailure,
             20 => Kind::Ready,
             21 => Kind::Done,
+            30 => Kind::BeatLead,
+            31 => Kind::BeatFollow,
+            32 => Kind::BeatState,
             _ => return None,
         })
     }

@@ -150,8 +150,14 @@ pub struct Zygote {
 impl Zygote {
     /// Ask for a child that will talk over `theirs`; the fd travels with SCM_RIGHTS.
     pub async fn fork(&mut self, index: usize, theirs: &StdUnixStream) -> std::io::Result<()> {
+        self.fork_process(&serde_json::json!({"index": index}), theirs).await
+    }
+
+    /// Ask for a process described by `spec` (a pool child `{"index": n}`, or the beat process
+    /// `{"role": "beat", "beat": {...}}`) that will talk over `theirs`.
+    pub async fn fork_process(&mut self, spec: &serde_json::Value, theirs: &StdUnixStream) -> std::io::Result<()> {
         let writer = self.writer.as_ref().ok_or_else(|| std::io::Error::other("zygote closed"))?;
-        let bytes = frame::encode(Kind::Fork, format!("{{\"index\": {index}}}").as_bytes());
+        let bytes = frame::encode(Kind::Fork, spec.to_string().as_bytes());
         let fds = [theirs.as_raw_fd()];
         let stream: &UnixStream = writer.as_ref();
         loop {

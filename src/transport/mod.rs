@@ -279,6 +279,24 @@ pub trait Transport: Send + Sync + 'static {
         stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()>;
 
+    /// Beat's leader lock (beyond stock): take or renew lock `name` for `holder`, held while
+    /// renewed within `ttl`; false while another replica holds it.
+    fn beat_lead(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<bool, TransportError>> + Send;
+
+    /// Give the lock up (clean shutdown), so another replica takes over at once.
+    fn beat_resign(&self, name: &str, holder: &str) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// The schedule state the last leader shared, if any.
+    fn beat_state(&self, name: &str) -> impl Future<Output = Result<Option<Value>, TransportError>> + Send;
+
+    /// Share the leader's schedule state (each entry's last run) with the next leader.
+    fn save_beat_state(&self, name: &str, state: &Value) -> impl Future<Output = Result<(), TransportError>> + Send;
+
     /// Is the consuming connection up right now (for `/readyz`)?
     fn connected(&self) -> bool;
 

@@ -25,6 +25,26 @@ const SEP: &str = "\x06\x16";
 const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 const BRPOP_TIMEOUT: f64 = 1.0;
 
+/// Beat's leader lock: renew it if we hold it, else take it if nobody does.
+const BEAT_LEAD: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+return 0
+";
+
+/// Release the lock, only if it is ours.
+const BEAT_RESIGN: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 /// Moves a held message back into a queue, atomically with removing it from the unacked
 /// records, and only if it is still there (another worker's sweep may have restored it).
 const RESTORE_SCRIPT: &str = r#"
@@ -774,6 +794,35 @@ impl Transport for RedisTransport {
             }
             follower.abort();
         })
+    }
+
+    async fn beat_lead(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, TransportError> {
+        let mut conn = self.conn.clone();
+        let held: i64 = Script::new(BEAT_LEAD)
+            .key(self.key(name))
+            .arg(holder)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn beat_resign(&self, name: &str, holder: &str) -> Result<(), TransportError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(BEAT_RESIGN).key(self.key(name)).arg(holder).invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn beat_state(&self, name: &str) -> Result<Option<Value>, TransportError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = conn.get(self.key(&format!("{name}.state"))).await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    async fn save_beat_state(&self, name: &str, state: &Value) -> Result<(), TransportError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.set(self.key(&format!("{name}.state")), state.to_string()).await?;
+        Ok(())
     }
 
     fn connections(&self) -> u64 {

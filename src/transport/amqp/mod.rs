@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
@@ -62,6 +62,8 @@ pub struct AmqpTransport {
     consumer_tags: Arc<Mutex<Vec<String>>>,
     /// The remote-control connection's channel, also used to publish replies.
     pidbox_channel: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    /// Beat's leader lock: the connection whose exclusive queue is the lock, and a channel.
+    beat_lock: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     /// Consumers are up on a live connection.
     consuming: std::sync::atomic::AtomicBool,
     connections: std::sync::atomic::AtomicU64,
@@ -161,6 +163,7 @@ impl AmqpTransport {
             held: Mutex::new(BTreeSet::new()),
             consumer_tags: Default::default(),
             pidbox_channel: tokio::sync::Mutex::new(None),
+            beat_lock: tokio::sync::Mutex::new(None),
             consuming: Default::default(),
             connections: Default::default(),
         };
@@ -324,6 +327,17 @@ impl AmqpTransport {
         let consume = BasicConsumeOptions { no_ack: true, ..Default::default() };
         let consumer = channel.basic_consume(&queue, "", consume, FieldTable::default()).await?;
         Ok((connection, consumer))
+    }
+
+    /// The queue holding beat's shared schedule state: durable, and only ever the newest
+    /// message (`x-max-length` 1 drops the older one).
+    async fn declare_beat_state(channel: &Channel, name: &str) -> Result<String, lapin::Error> {
+        let queue = format!("{name}.state");
+        let mut args = Map::new();
+        args.insert("x-max-length".into(), Value::from(1));
+        let opts = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(&queue, opts, fields::table_from_json(&args)).await?;
+        Ok(queue)
     }
 
     /// Stop the broker sending more (`basic.cancel`), so what we give back stays in the queue.
@@ -785,6 +799,62 @@ impl Transport for AmqpTransport {
                 tokio::select! { _ = tokio::time::sleep(Duration::from_secs(2)) => {}, _ = stop.changed() => return }
             }
         })
+    }
+
+    async fn beat_lead(&self, name: &str, _holder: &str, _ttl: Duration) -> Result<bool, TransportError> {
+        // The lock is an exclusive queue: RabbitMQ lets one connection declare it and deletes
+        // it the moment that connection dies, which is when another replica takes over.
+        let mut guard = self.beat_lock.lock().await;
+        if let Some((connection, channel)) = guard.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                return Ok(true);
+            }
+        }
+        *guard = None;
+        let connection = self.connect_to(0, "celeriac-beat").await?;
+        let channel = connection.create_channel().await?;
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        match channel.queue_declare(name, opts, FieldTable::default()).await {
+            Ok(_) => {
+                *guard = Some((connection, channel));
+                Ok(true)
+            }
+            Err(e) if e.to_string().contains("RESOURCE_LOCKED") => {
+                let _ = connection.close(200, "follower").await;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn beat_resign(&self, _name: &str, _holder: &str) -> Result<(), TransportError> {
+        if let Some((connection, _)) = self.beat_lock.lock().await.take() {
+            connection.close(200, "beat stopped").await?;
+        }
+        Ok(())
+    }
+
+    async fn beat_state(&self, name: &str) -> Result<Option<Value>, TransportError> {
+        let guard = self.beat_lock.lock().await;
+        let (_, channel) = guard.as_ref().ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
+        let queue = Self::declare_beat_state(channel, name).await?;
+        // Read the newest state and leave it in place for the next leader.
+        let Some(message) = channel.basic_get(&queue, BasicGetOptions { no_ack: false }).await? else {
+            return Ok(None);
+        };
+        let state = serde_json::from_slice(&message.delivery.data).ok();
+        channel.basic_reject(message.delivery.delivery_tag, BasicRejectOptions { requeue: true }).await?;
+        Ok(state)
+    }
+
+    async fn save_beat_state(&self, name: &str, state: &Value) -> Result<(), TransportError> {
+        let guard = self.beat_lock.lock().await;
+        let (_, channel) = guard.as_ref().ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
+        let queue = Self::declare_beat_state(channel, name).await?;
+        let props =
+            lapin::BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+        channel.basic_publish("", &queue, Default::default(), state.to_string().as_bytes(), props).await?.await?;
+        Ok(())
     }
 
     fn connections(&self) -> u64 {

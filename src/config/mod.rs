@@ -10,11 +10,16 @@ use serde_json::{json, Map, Value};
 use crate::cli::{Cli, WorkerArgs};
 use crate::transport::QueueSpec;
 
+pub mod effective;
+
 /// What the zygote reports after importing the app (`python/celeriac/zygote.py: bootstrap_info`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct AppInfo {
     pub hostname: String,
     pub app: String,
+    /// The app's main module name (`Celery("proj")`): names beat's leader lock.
+    #[serde(default)]
+    pub main: Option<String>,
     pub celery_version: String,
     pub python_version: String,
     pub executable: String,
@@ -140,6 +145,8 @@ pub struct WorkerSettings {
     pub gossip: bool,
     /// `--autoscale=max,min`: the pool starts at `min` children and grows to `max`.
     pub autoscale: Option<Autoscale>,
+    /// `-B`: run beat in the worker.
+    pub beat: Option<crate::beat::BeatOptions>,
     /// `--shutdown-timeout`: how long a warm shutdown waits for running tasks.
     pub shutdown_timeout: Option<f64>,
 }
@@ -205,7 +212,7 @@ impl WorkerSettings {
             .set_override_option("task_events", worker.task_events.then_some(true))?
             .build()?
             .try_deserialize()?;
-        let autoscale = worker.not_yet.autoscale.as_deref().map(str::parse::<Autoscale>).transpose()?;
+        let autoscale = worker.autoscale.as_deref().map(str::parse::<Autoscale>).transpose()?;
         if layered.concurrency == 0 && autoscale.is_none() {
             return Err(SettingsError::NoConcurrency);
         }
@@ -229,6 +236,15 @@ impl WorkerSettings {
             mingle: !worker.without_mingle,
             gossip: !worker.without_gossip,
             autoscale,
+            beat: worker.beat.then(|| crate::beat::BeatOptions {
+                schedule_filename: worker.schedule_filename.clone(),
+                scheduler: worker.scheduler.clone(),
+                max_interval: None,
+                standalone: false,
+                loglevel: worker.loglevel.clone(),
+                logfile: worker.logfile.clone(),
+                leader_lock: !worker.without_beat_lock,
+            }),
         })
     }
 
@@ -283,6 +299,22 @@ pub fn zygote_options(cli: &Cli, worker: &WorkerArgs) -> Value {
     })
 }
 
+/// The zygote's options for `celeriac beat`: load the app as `celery beat` does.
+pub fn beat_zygote_options(cli: &Cli, beat: &crate::cli::BeatArgs) -> Value {
+    json!({
+        "role": "beat",
+        "app": cli.app_locator(),
+        "broker": cli.broker,
+        "result_backend": cli.result_backend,
+        "config": cli.config,
+        "loader": cli.loader,
+        "skip_checks": cli.skip_checks,
+        "loglevel": beat.loglevel,
+        "logfile": beat.logfile,
+        "log_format": if beat.log_format == crate::ops::logging::LogFormat::Json { "json" } else { "text" },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,7 +335,7 @@ mod tests {
     fn worker(args: &[&str]) -> WorkerArgs {
         let mut all = vec!["celeriac", "worker"];
         all.extend_from_slice(args);
-        let crate::cli::Command::Worker(w) = Cli::try_parse_from(all).unwrap().command;
+        let crate::cli::Command::Worker(w) = Cli::try_parse_from(all).unwrap().command else { panic!("not a worker") };
         *w
     }
 
