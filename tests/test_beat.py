@@ -184,3 +184,44 @@ def test_one_sender_among_replicas_and_takeover(worker, tmp_path, runs):
     assert (after[0] - killed_at).total_seconds() < 10
     gaps = [(y - x).total_seconds() for x, y in zip(after, after[1:])]
     assert all(g > 0.7 for g in gaps), gaps
+
+
+def test_django_celery_beat_schedules_edited_while_running(worker, tmp_path):
+    """`--scheduler django_celery_beat.schedulers:DatabaseScheduler` runs in the beat process:
+    periodic tasks edited in the database (as in the Django admin) apply without a restart."""
+    import subprocess
+
+    from conftest import BACKEND_URL, BROKER_URL, ROOT
+
+    project = ROOT / "examples" / "django_project"
+    env = {"CELERY_BROKER_URL": BROKER_URL, "CELERY_RESULT_BACKEND": BACKEND_URL,
+           "DJANGO_DB_PATH": str(tmp_path / "db.sqlite3"), "CELERIAC_LOGLEVEL": "INFO", "CELERIAC_CONCURRENCY": "1"}
+    full_env = dict(os.environ, **env)
+
+    def shell(code):
+        out = subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=project, env=full_env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=project, env=full_env, check=True,
+                   capture_output=True, timeout=120)
+    models = "from django_celery_beat.models import IntervalSchedule, PeriodicTask\n"
+    shell(models + "every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)\n"
+          "PeriodicTask.objects.create(name='count', task='notes.tasks.count_notes', interval=every)\n")
+    w = worker(["-A", "core", "worker", "-B", "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"],
+               cwd=project, env=env).wait_ready()
+    deadline = time.time() + 30
+    while w.log().count("Sending due task count (notes.tasks.count_notes)") < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    assert w.log().count("Sending due task count (notes.tasks.count_notes)") >= 3
+    assert "succeeded" in w.log()
+    # Edited while running: `count` disabled, `add` created.
+    shell(models + "task = PeriodicTask.objects.get(name='count'); task.enabled = False; task.save()\n"
+          "every = IntervalSchedule.objects.get(every=1)\n"
+          "PeriodicTask.objects.create(name='add', task='notes.tasks.add', args='[2, 3]', interval=every)\n")
+    w.wait_for("Sending due task add (notes.tasks.add)", timeout=20)
+    time.sleep(1)
+    counted = w.log().count("Sending due task count (notes.tasks.count_notes)")
+    time.sleep(3)
+    assert w.log().count("Sending due task count (notes.tasks.count_notes)") == counted
+    assert w.stop() == 0

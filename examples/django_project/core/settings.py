@@ -10,6 +10,7 @@ ALLOWED_HOSTS = ["*"]
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "django_celery_beat",  # periodic tasks edited in the Django admin (celeriac -B --scheduler ...)
     "notes",
 ]
 
