@@ -226,6 +226,14 @@ pub struct WorkerArgs {
     #[arg(long = "without-beat-lock", env = "CELERIAC_WITHOUT_BEAT_LOCK")]
     pub without_beat_lock: bool,
 
+    /// Delete every message waiting in the queues consumed before starting (unrecoverable).
+    #[arg(long = "purge", visible_alias = "discard", env = "CELERIAC_PURGE")]
+    pub purge: bool,
+
+    /// Comma-separated extra modules to import, as `celery worker -I`.
+    #[arg(short = 'I', long = "include", env = "CELERIAC_INCLUDE")]
+    pub include: Option<String>,
+
     /// Grow the pool up to MAX children under load and shrink it to MIN when idle: `MAX,MIN`.
     #[arg(long = "autoscale", env = "CELERIAC_AUTOSCALE")]
     pub autoscale: Option<String>,
@@ -251,10 +259,6 @@ pub struct NotYetImplemented {
     pub pool: Option<String>,
     #[arg(long = "pool-start-method", env = "CELERIAC_POOL_START_METHOD", hide = true)]
     pub pool_start_method: Option<String>,
-    #[arg(long = "purge", visible_alias = "discard", env = "CELERIAC_PURGE", hide = true)]
-    pub purge: bool,
-    #[arg(short = 'I', long = "include", env = "CELERIAC_INCLUDE", hide = true)]
-    pub include: Option<String>,
     #[arg(long = "disable-prefetch", env = "CELERIAC_DISABLE_PREFETCH", hide = true)]
     pub disable_prefetch: bool,
 }
@@ -275,8 +279,6 @@ impl NotYetImplemented {
         note(self.executable.is_some(), "--executable");
         note(self.pool.as_deref().is_some_and(|p| p != "prefork"), "--pool");
         note(self.pool_start_method.is_some(), "--pool-start-method");
-        note(self.purge, "--purge");
-        note(self.include.is_some(), "--include");
         note(self.disable_prefetch, "--disable-prefetch");
         out
     }
@@ -349,9 +351,9 @@ mod tests {
 
     #[test]
     fn stock_flags_not_implemented_are_accepted() {
-        let cli = parse(&["celeriac", "-A", "x", "worker", "--purge", "-B", "--autoscale", "4,2", "-P", "prefork"]);
+        let cli = parse(&["celeriac", "-A", "x", "worker", "-P", "solo", "-B", "--autoscale", "4,2"]);
         let Command::Worker(w) = cli.command else { panic!("not a worker") };
-        assert_eq!(w.not_yet.given(), vec!["--purge"]);
+        assert_eq!(w.not_yet.given(), vec!["--pool"]);
         assert!(w.beat && w.autoscale.as_deref() == Some("4,2"));
     }
 

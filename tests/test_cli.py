@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 import sys
 
 from conftest import APPS, BIN, only_on
@@ -62,9 +63,9 @@ def test_app_after_subcommand_and_module_attr_form(worker):
 
 
 def test_stock_flags_not_implemented_warn(worker):
-    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--include", "testapp", "-O", "fair",
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-P", "solo", "-O", "fair",
                 "--without-mingle", "--without-gossip", "--without-heartbeat", "-E"]).wait_ready()
-    assert "--include is accepted for compatibility" in w.log()
+    assert "--pool is accepted for compatibility" in w.log()
     assert testapp.add.delay(2, 2).get(timeout=10) == 4
 
 
@@ -131,3 +132,15 @@ def test_config_prints_the_effective_settings_and_their_sources(broker):
     assert any(line.split()[:2] == ["gossip", "false"] and line.endswith("command line")
                for line in table.stdout.splitlines()), table.stdout
     assert broker.ready("celery") == 0
+
+
+def test_purge_and_include(worker, broker):
+    waiting = [testapp.add.delay(1, 1) for _ in range(3)]
+    time.sleep(0.5)
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--purge", "-I", "extra_tasks"]).wait_ready()
+    assert "purge: Erased 3 messages from the queue." in w.log()
+    time.sleep(1)
+    assert all(r.state == "PENDING" for r in waiting)  # gone, never run
+    assert broker.ready("celery") == 0
+    assert "extra_tasks.triple" in w.log()  # the included module's task is registered
+    assert testapp.app.send_task("extra_tasks.triple", (3,)).get(timeout=10) == 9

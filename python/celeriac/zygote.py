@@ -248,6 +248,7 @@ def start_worker(app, hostname, options, level):
     check_privileges(app.conf.accept_content)
     shim = WorkerShim(app, hostname, options)
     signals.celeryd_init.send(sender=hostname, instance=shim, conf=app.conf, options=options)
+    _include(app, options.get("include"))
     app.loader.init_worker()
     trace.setup_worker_optimizations(app, hostname)
     signals.worker_init.send(sender=shim)
@@ -266,6 +267,25 @@ def start_plain(app, options, level):
         jsonlog.install()
     app.loader.init_worker()
     app.finalize()
+
+
+def _include(app, include):
+    """`-I/--include`: import more task modules, and remember them in `include`
+    (`WorkController.setup_includes`)."""
+    modules = [m.strip() for m in (include or "").split(",") if m.strip()]
+    if not modules:
+        return
+    for module in modules:
+        app.loader.import_task_module(module)
+    app.conf.include = tuple(set(app.conf.include or ()) | set(modules))
+
+
+def _purge(app):
+    """`--purge`: empty the queues consumed from before starting (`Worker.purge_messages`)."""
+    with app.connection_for_write() as connection:
+        count = app.control.purge(connection=connection)
+    if count:
+        print(f"purge: Erased {count} {'message' if count == 1 else 'messages'} from the queue.\n", file=sys.__stdout__, flush=True)
 
 
 def _hostname(options):
@@ -304,6 +324,8 @@ def main(control_fd, options_json):
         statedb = StateDB(app, options)
         info = bootstrap_info(app, hostname, options)
         info["revoked"] = statedb.revoked()
+        if options.get("purge"):
+            _purge(app)
     except BaseException as exc:  # one clear line for the user, the traceback at debug level
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         if options.get("loglevel", "").upper() == "DEBUG":

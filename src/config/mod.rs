@@ -294,6 +294,8 @@ pub fn zygote_options(cli: &Cli, worker: &WorkerArgs) -> Value {
         "max_tasks_per_child": worker.max_tasks_per_child,
         "max_memory_per_child": worker.max_memory_per_child,
         "statedb": worker.statedb,
+        "purge": worker.purge,
+        "include": worker.include,
         "logfile": worker.logfile,
         "log_format": if worker.log_format == crate::ops::logging::LogFormat::Json { "json" } else { "text" },
     })
