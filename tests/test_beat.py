@@ -225,3 +225,22 @@ def test_django_celery_beat_schedules_edited_while_running(worker, tmp_path):
     time.sleep(3)
     assert w.log().count("Sending due task count (notes.tasks.count_notes)") == counted
     assert w.stop() == 0
+
+
+def test_unusable_schedule_file_is_reported_not_fatal(worker, tmp_path, runs):
+    (tmp_path / "not-a-dir").write_text("")
+    args = ["-A", "beatapp", "worker", "-l", "info", "-c", "1", "-n", NODE, "-B",
+            "-s", str(tmp_path / "not-a-dir" / "schedule")]
+    w = worker(args, env=env(BEATAPP_INTERVAL=1)).wait_ready()
+    wait_runs(runs, "every", 2)
+    assert "beat: cannot use the schedule file" in w.log()
+
+
+def test_standalone_beat_max_interval_and_env(worker, tmp_path, runs):
+    # Every option has its variable; --max-interval caps the sleep between looks at the schedule.
+    beat = worker(["-A", "beatapp", "beat", "-l", "debug", "--max-interval", "0.5"],
+                  env=dict(env(BEATAPP_INTERVAL=30), CELERIAC_BEAT_SCHEDULE=str(tmp_path / "sched")), name="beat")
+    beat.wait_for("maxinterval -> now (0.5s)")
+    beat.wait_for("beat: Starting...")
+    assert f". db -> {tmp_path / 'sched'}" in beat.log()
+    assert beat.stop() == 0

@@ -41,7 +41,7 @@ def run(fd, app, options):
     if options.get("standalone"):
         _print_banner(app, service, options)
     logger.info("beat: Starting...")
-    scheduler = service.scheduler  # loads (or rebuilds) the schedule
+    scheduler = _load_scheduler(service, celery_beat)
     signals.beat_init.send(sender=service)
     if not options.get("standalone"):
         signals.beat_embedded_init.send(sender=service)
@@ -78,6 +78,24 @@ def run(fd, app, options):
     finally:
         service.sync()  # closes the scheduler, which writes the schedule
     return 0
+
+
+def _load_scheduler(service, celery_beat):
+    """The service's scheduler. Celery rebuilds a corrupt schedule file itself; one that cannot
+    be opened at all (no such directory, no permission) would stop stock beat. Here the
+    schedule is kept in memory instead — last runs still come from the leader's shared state."""
+    try:
+        return service.scheduler
+    except Exception as exc:
+        scheduler_cls = service.scheduler_cls
+        default = scheduler_cls is celery_beat.PersistentScheduler or str(scheduler_cls).endswith("PersistentScheduler")
+        if not default:
+            raise
+        logger.error("beat: cannot use the schedule file %r (%r): keeping the schedule in memory instead",
+                     service.schedule_filename, exc)
+        scheduler = celery_beat.Scheduler(app=service.app, max_interval=service.max_interval)
+        service.__dict__["scheduler"] = scheduler
+        return scheduler
 
 
 def _exit(signum, frame):
