@@ -79,6 +79,13 @@ def test_options_route_and_decorate_the_message(worker, tmp_path, runs):
     assert got[0]["queue"] == "beatq" and got[0]["extra"] == {"n": 1}
 
 
+def test_relative_timedelta_entries(worker, tmp_path, runs):
+    worker_b(worker, tmp_path, BEATAPP_RELATIVE=1).wait_ready()
+    got = wait_runs(runs, "relative", 3)
+    gaps = [(b - a).total_seconds() for a, b in zip(times(got), times(got)[1:])]
+    assert all(0.5 < g < 1.6 for g in gaps), gaps
+
+
 def test_add_periodic_task_entries(worker, tmp_path, runs):
     worker_b(worker, tmp_path, BEATAPP_ADDED=1).wait_ready()
     assert len(wait_runs(runs, "added", 2)) >= 2

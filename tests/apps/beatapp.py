@@ -68,6 +68,14 @@ if os.environ.get("BEATAPP_SOLAR"):
         "args": ("sunrise",),
         "kwargs": {"clock": True},
     }
+if os.environ.get("BEATAPP_RELATIVE"):
+    # `relative`: runs are aligned to the interval (whole seconds here), as `schedule(relative=True)`.
+    schedule["relative"] = {
+        "task": "beatapp.record",
+        "schedule": timedelta(seconds=float(os.environ["BEATAPP_RELATIVE"])),
+        "args": ("relative",),
+        "relative": True,
+    }
 if os.environ.get("BEATAPP_ROUTED"):
     schedule["routed"] = {
         "task": "beatapp.record",
@@ -86,10 +94,11 @@ def _add_periodic(sender, **kwargs):
 
 
 @before_task_publish.connect
-def _stamp_fake_time(headers=None, **kwargs):
-    """Beat sends in its own process: note the accelerated clock's time of sending."""
-    if _clock_start and headers is not None:
-        headers["fake_sent_at"] = fake_now().isoformat()
+def _stamp_send_time(headers=None, **kwargs):
+    """Beat sends in its own process: note when (on the accelerated clock, if one runs), so
+    tests look at send times rather than at when a busy or starting worker ran the task."""
+    if headers is not None:
+        headers["sent_at"] = (fake_now() if _clock_start else datetime.now(timezone.utc)).isoformat()
 
 
 def _redis():
@@ -109,7 +118,7 @@ def record(self, name, clock=False, extra=None):  # noqa: ARG001 - `clock` marks
         "queue": (self.request.delivery_info or {}).get("routing_key"),
         "extra": extra,
         "beat_header": bool(getattr(self.request, "celery_beat_task", False)),
-        "at": getattr(self.request, "fake_sent_at", None) or datetime.now(timezone.utc).isoformat(),
+        "at": getattr(self.request, "sent_at", None) or datetime.now(timezone.utc).isoformat(),
     }
     _redis().rpush("beat:runs", json.dumps(entry))
     return name
