@@ -113,6 +113,9 @@ pub struct BeatArgs {
     /// `text` (Celery's format) or `json` (one object per line, for log shippers).
     #[arg(long = "log-format", env = "CELERIAC_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::ops::logging::LogFormat,
+
+    #[command(flatten)]
+    pub daemon: Daemonize,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -239,20 +242,35 @@ pub struct WorkerArgs {
     pub autoscale: Option<String>,
 
     #[command(flatten)]
+    pub daemon: Daemonize,
+
+    #[command(flatten)]
     pub not_yet: NotYetImplemented,
+}
+
+/// Daemonization options of `celery worker` and `celery beat`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Daemonize {
+    /// Start in the background: detach from the terminal (use with --logfile and --pidfile).
+    #[arg(short = 'D', long = "detach", env = "CELERIAC_DETACH")]
+    pub detach: bool,
+
+    /// Run as this user (name or uid) once started.
+    #[arg(long = "uid", env = "CELERIAC_UID")]
+    pub uid: Option<String>,
+
+    /// Run as this group (name or gid) once started.
+    #[arg(long = "gid", env = "CELERIAC_GID")]
+    pub gid: Option<String>,
+
+    /// The process' umask, in octal (e.g. 022).
+    #[arg(long = "umask", env = "CELERIAC_UMASK")]
+    pub umask: Option<String>,
 }
 
 /// Stock `celery worker` flags that celeriac accepts but does not act on yet.
 #[derive(Debug, Args, Clone, Default)]
 pub struct NotYetImplemented {
-    #[arg(short = 'D', long = "detach", env = "CELERIAC_DETACH", hide = true)]
-    pub detach: bool,
-    #[arg(long = "uid", env = "CELERIAC_UID", hide = true)]
-    pub uid: Option<String>,
-    #[arg(long = "gid", env = "CELERIAC_GID", hide = true)]
-    pub gid: Option<String>,
-    #[arg(long = "umask", env = "CELERIAC_UMASK", hide = true)]
-    pub umask: Option<String>,
     #[arg(long = "executable", env = "CELERIAC_EXECUTABLE", hide = true)]
     pub executable: Option<String>,
     #[arg(short = 'P', long = "pool", env = "CELERIAC_POOL", hide = true)]
@@ -272,10 +290,6 @@ impl NotYetImplemented {
                 out.push(flag)
             }
         };
-        note(self.detach, "--detach");
-        note(self.uid.is_some(), "--uid");
-        note(self.gid.is_some(), "--gid");
-        note(self.umask.is_some(), "--umask");
         note(self.executable.is_some(), "--executable");
         note(self.pool.as_deref().is_some_and(|p| p != "prefork"), "--pool");
         note(self.pool_start_method.is_some(), "--pool-start-method");
@@ -351,9 +365,10 @@ mod tests {
 
     #[test]
     fn stock_flags_not_implemented_are_accepted() {
-        let cli = parse(&["celeriac", "-A", "x", "worker", "-P", "solo", "-B", "--autoscale", "4,2"]);
+        let cli = parse(&["celeriac", "-A", "x", "worker", "-P", "solo", "-B", "--autoscale", "4,2", "-D"]);
         let Command::Worker(w) = cli.command else { panic!("not a worker") };
         assert_eq!(w.not_yet.given(), vec!["--pool"]);
+        assert!(w.daemon.detach);
         assert!(w.beat && w.autoscale.as_deref() == Some("4,2"));
     }
 

@@ -23,9 +23,21 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // A SIGHUP restart runs the same command from the same place (`--workdir` moves us).
+    let started_in = std::env::current_dir().ok();
     let code = match &cli.command {
-        cli::Command::Worker(args) => worker::run(&cli, args),
-        cli::Command::Beat(args) => worker::run_beat(&cli, args),
+        cli::Command::Worker(args) => {
+            daemonize(&args.daemon, args.logfile.as_deref(), args.pidfile.as_deref());
+            let code = worker::run(&cli, args);
+            if ops::signals::restart_requested() {
+                restart(started_in.as_deref());
+            }
+            code
+        }
+        cli::Command::Beat(args) => {
+            daemonize(&args.daemon, args.logfile.as_deref(), args.pidfile.as_deref());
+            worker::run_beat(&cli, args)
+        }
         cli::Command::Config(args) => {
             let sub = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
             let given = |id: &str| config::effective::given(sub, id);
@@ -33,4 +45,40 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// `--uid/--gid/--umask/--detach`, before any thread exists; exits 1 with the reason if they
+/// cannot be honoured.
+fn daemonize(flags: &cli::Daemonize, logfile: Option<&std::path::Path>, pidfile: Option<&std::path::Path>) {
+    let options = ops::daemon::DaemonOptions {
+        detach: flags.detach,
+        uid: flags.uid.as_deref(),
+        gid: flags.gid.as_deref(),
+        umask: flags.umask.as_deref(),
+        logfile,
+        pidfile,
+    };
+    if let Err(e) = ops::daemon::apply(&options) {
+        eprintln!("celeriac: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Replace this process with the same command (stock's SIGHUP restart: same pid, same argv).
+fn restart(started_in: Option<&std::path::Path>) {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            tracing::error!("Cannot restart: the executable is unknown: {e}");
+            return;
+        }
+    };
+    let mut command = std::process::Command::new(exe);
+    command.args(ops::daemon::restart_args(std::env::args_os().skip(1))).env("CELERIAC_DETACH", "false");
+    if let Some(dir) = started_in {
+        command.current_dir(dir);
+    }
+    let e = command.exec();
+    tracing::error!("Cannot restart: {e}");
 }

@@ -151,7 +151,7 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
             return 1;
         }
     };
-    let stops = match signals::listen() {
+    let stops = match signals::listen(true) {
         Ok(s) => s,
         Err(e) => {
             error!("Cannot install signal handlers: {e}");
@@ -274,7 +274,7 @@ pub fn run_beat(cli: &Cli, args: &BeatArgs) -> i32 {
                 return 1;
             }
         };
-        let stops = match signals::listen() {
+        let stops = match signals::listen(false) {
             Ok(s) => s,
             Err(e) => {
                 error!("Cannot install signal handlers: {e}");
@@ -513,7 +513,15 @@ async fn mingle<T: Transport>(transport: &T, app: &AppInfo, revoked: &[String]) 
     let mut nodes = 0;
     for reply in &replies {
         for (node, answer) in reply.as_object().into_iter().flatten() {
-            if *node == app.hostname || answer.is_null() {
+            if *node == app.hostname {
+                // Stock runs on silently here (on Redis nothing else notices); say it.
+                warn!(
+                    "mingle: another worker answered as {node}: two workers share this node name. \
+                     Give each worker a unique node name with -n (e.g. -n worker1@%h)"
+                );
+                continue;
+            }
+            if answer.is_null() {
                 continue;
             }
             nodes += 1;

@@ -1,6 +1,8 @@
-"""Operations (issue: Step 4, points 6 and 7): JSON logs, --logfile, warm shutdown with a deadline."""
+"""Operations (issue: Step 4, points 6-8): JSON logs, --logfile, warm shutdown with a deadline,
+--detach and the SIGHUP restart."""
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -9,6 +11,7 @@ import pytest
 from billiard.exceptions import WorkerLostError
 
 import testapp
+from conftest import wait_started
 
 
 def test_json_log_format(worker):
@@ -56,3 +59,63 @@ def test_warm_shutdown_deadline(worker, broker):
     with pytest.raises(WorkerLostError):
         early.get(timeout=10)
     assert late.state == "PENDING"
+
+
+def _alive(pid):
+    """A live process, not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_detach_with_pidfile_and_logfile(worker, tmp_path):
+    pidfile, logfile = tmp_path / "w.pid", tmp_path / "w.log"
+    launcher = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--detach",
+                       "--pidfile", str(pidfile), "-f", str(logfile)])
+    assert launcher.wait_exit(10) == 0  # the launching process returns at once
+    deadline = time.time() + 30
+    while not (pidfile.exists() and logfile.exists() and " ready." in logfile.read_text()):
+        assert time.time() < deadline, logfile.read_text() if logfile.exists() else "no log file"
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    try:
+        assert pid != launcher.pid and _alive(pid)
+        assert os.getsid(pid) not in (os.getsid(0), pid)  # its own session, and no terminal to take
+        assert testapp.add.delay(20, 22).get(timeout=10) == 42
+        assert launcher.log() == ""  # nothing went to the terminal it left
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+        assert not pidfile.exists()
+        assert "Warm shutdown" in logfile.read_text()
+    finally:
+        if _alive(pid):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def test_detach_reports_an_unusable_logfile_before_leaving(worker, tmp_path):
+    w = worker(["-A", "testapp", "worker", "--detach", "-f", str(tmp_path / "missing" / "w.log")])
+    assert w.wait_exit(10) == 1
+    assert "cannot open the log file" in w.log()
+
+
+def test_sighup_restarts_in_place(worker):
+    # stdout is a file here, not a terminal: SIGHUP restarts, as stock's detached workers do.
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1"]).wait_ready()
+    marker = f"m:{uuid.uuid4()}"
+    running = testapp.sleep.delay(1, marker)
+    wait_started(marker)
+    w.signal(signal.SIGHUP)
+    w.wait_for("Restarting celeriac worker")
+    assert running.get(timeout=15) == 1  # a warm shutdown first: the running task finished
+    deadline = time.time() + 30
+    while w.log().count(" ready.") < 2:
+        assert time.time() < deadline and w.proc.poll() is None, w.log()
+        time.sleep(0.1)
+    assert w.proc.poll() is None  # the same process, executed anew
+    assert testapp.add.delay(1, 2).get(timeout=10) == 3
+    assert w.stop() == 0

@@ -1,6 +1,7 @@
-//! Process-level concerns: logging, signals, pidfile, the start-up banner.
+//! Process-level concerns: logging, signals, pidfile, daemonizing, the start-up banner.
 
 pub mod banner;
+pub mod daemon;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -13,7 +13,9 @@ pub enum PidfileError {
 pub struct Pidfile(PathBuf);
 
 impl Pidfile {
-    pub fn create(path: &Path) -> Result<Pidfile, PidfileError> {
+    /// Fail if another live process owns the file (a stale one, or our own pid after a
+    /// SIGHUP re-exec, is fine).
+    pub fn check(path: &Path) -> Result<(), PidfileError> {
         if let Ok(text) = std::fs::read_to_string(path) {
             if let Ok(pid) = text.trim().parse::<i32>() {
                 let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
@@ -22,6 +24,11 @@ impl Pidfile {
                 }
             }
         }
+        Ok(())
+    }
+
+    pub fn create(path: &Path) -> Result<Pidfile, PidfileError> {
+        Self::check(path)?;
         std::fs::write(path, format!("{}\n", std::process::id()))
             .map_err(|e| PidfileError::Io(path.to_path_buf(), e))?;
         Ok(Pidfile(path.to_path_buf()))

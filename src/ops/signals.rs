@@ -1,7 +1,10 @@
 //! Shutdown signals, as the stock worker reads them (`celery/apps/worker.py`): SIGTERM is a
-//! warm shutdown (exit 0), the first SIGINT warm (exit 1), a second SIGINT or SIGQUIT cold.
+//! warm shutdown (exit 0), the first SIGINT warm (exit 1), a second SIGINT or SIGQUIT cold,
+//! and — for a worker without a terminal — SIGHUP a warm shutdown followed by a re-exec.
 
-use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tokio::sync::mpsc;
 
@@ -13,9 +16,24 @@ pub enum Stop {
     Cold,
 }
 
+/// Set by SIGHUP: once the warm shutdown is over, `main` executes the same command again.
+static RESTART: AtomicBool = AtomicBool::new(false);
+
+pub fn restart_requested() -> bool {
+    RESTART.load(Ordering::SeqCst)
+}
+
 /// Forward shutdown signals to the async world. `REMAP_SIGTERM=SIGQUIT` makes SIGTERM cold.
-pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Stop>> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
+/// With `restart_on_hup`, SIGHUP restarts — only when stdout is not a terminal, as stock, so
+/// closing a terminal window does not restart a worker into the background.
+pub fn listen(restart_on_hup: bool) -> std::io::Result<mpsc::UnboundedReceiver<Stop>> {
+    // SAFETY: isatty only inspects the descriptor.
+    let hup = restart_on_hup && unsafe { libc::isatty(1) } == 0;
+    let mut wanted = vec![SIGTERM, SIGINT, SIGQUIT];
+    if hup {
+        wanted.push(SIGHUP);
+    }
+    let mut signals = Signals::new(wanted)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let remap_term = std::env::var("REMAP_SIGTERM").map(|v| v == "SIGQUIT").unwrap_or(false);
     std::thread::Builder::new().name("signals".into()).spawn(move || {
@@ -28,6 +46,12 @@ pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Stop>> {
                 SIGINT => {
                     interrupted = true;
                     Stop::Warm { exit_code: 1 }
+                }
+                SIGHUP => {
+                    let argv: Vec<String> = std::env::args().collect();
+                    tracing::warn!("Restarting celeriac worker ({})", argv.join(" "));
+                    RESTART.store(true, Ordering::SeqCst);
+                    Stop::Warm { exit_code: 0 }
                 }
                 _ => Stop::Cold,
             };
