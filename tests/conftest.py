@@ -81,6 +81,9 @@ class AmqpBroker:
                 channel = conn.default_channel
                 for name in names:
                     channel.queue_delete(name)
+                # The test's producer remembers having declared the default queue and would not
+                # declare it again: messages sent before a worker starts would have no queue.
+                testapp.app.amqp.queues["celery"].bind(channel).declare()
 
     def ready(self, queue="celery"):
         return self._queues().get(queue, (0, 0))[0]

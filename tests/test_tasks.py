@@ -172,10 +172,12 @@ def test_prefetch_limits_unacked(worker, broker):
     # -c 1 × multiplier 2: one running (acked early) + at most 2 held.
     worker(["-A", "testapp", "worker", "-c", "1", "--prefetch-multiplier", "2", "-l", "info"]).wait_ready()
     results = [testapp.sleep.delay(2.0) for _ in range(4)]
-    time.sleep(0.5)
-    # One running (acked when it started), two prefetched, one left in the queue.
-    assert broker.unacked() == 2
-    assert broker.ready("celery") == 1
+    # One running (acked when it started), two prefetched, one left in the queue; RabbitMQ's
+    # counters may take a moment to show it.
+    deadline = time.time() + 1.5
+    while (seen := (broker.unacked(), broker.ready("celery"))) != (2, 1) and time.time() < deadline:
+        time.sleep(0.1)
+    assert seen == (2, 1)
     for r in results:
         r.get(timeout=20)
 

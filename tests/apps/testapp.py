@@ -153,6 +153,19 @@ def count(key):
     return _redis().hincrby(key, count.request.id, 1)
 
 
+@app.task
+def count_slowly(key, seconds):
+    """`count`, taking a while: for loads interrupted by shutdowns and faults."""
+    time.sleep(seconds)
+    return _redis().hincrby(key, count_slowly.request.id, 1)
+
+
+@app.task(acks_late=True)
+def late_count_slowly(key, seconds):
+    time.sleep(seconds)
+    return _redis().hincrby(key, late_count_slowly.request.id, 1)
+
+
 @app.task(ignore_result=True)
 def ignored(x):
     return x
