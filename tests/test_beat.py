@@ -155,6 +155,12 @@ def test_crontab_across_a_dst_change(worker, tmp_path, runs):
     hours = [(t.hour, t.minute - t.minute % 15) for t in mornings]
     assert len(hours) == len(set(hours)), hours
     assert (2, 30) in hours
+    # day_of_month and month_of_year: on the hour on the 29th of March, never on the 28th.
+    on_the_hour = [t.astimezone(timezone.utc) for t in times(runs("hourly-on-the-29th"))]
+    slots = [(t.hour, t.minute - t.minute % 15) for t in on_the_hour]  # sent within a fake minute
+    assert slots and slots[0] == (1, 0) and len(set(slots)) == len(slots), on_the_hour
+    assert all(minute == 0 for _, minute in slots), on_the_hour
+    assert runs("never") == []
 
 
 def test_solar_sunrise(worker, tmp_path, runs):

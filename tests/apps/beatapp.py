@@ -52,6 +52,21 @@ if os.environ.get("BEATAPP_CRON"):
         "args": ("quarter-hours",),
         "kwargs": {"clock": True},
     }
+    # Every field: on the hour, on 29 March only (the fake clock's day) ...
+    schedule["hourly-on-the-29th"] = {
+        "task": "beatapp.record",
+        "schedule": crontab(minute=0, hour="*", day_of_month="29", month_of_year="3", nowfun=fake_now),
+        "args": ("hourly-on-the-29th",),
+        "kwargs": {"clock": True},
+    }
+    # ... and one that must never fire: the 28th, in a list of months, on Monday to Friday.
+    schedule["never"] = {
+        "task": "beatapp.record",
+        "schedule": crontab(minute="*", day_of_month="28", month_of_year="1-3,12", day_of_week="mon-fri",
+                            nowfun=fake_now),
+        "args": ("never",),
+        "kwargs": {"clock": True},
+    }
     schedule["weekday-mornings"] = {
         "task": "beatapp.record",
         "schedule": crontab(minute=30, hour="1-3", day_of_week="sun", nowfun=fake_now),
