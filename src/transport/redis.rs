@@ -9,16 +9,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Script};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
+use super::envelope::{decode_envelope, encode_json, mark_redelivered};
 use super::{
-    control_request, reply_body, ControlEvent, Delivery, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle,
-    Transport, TransportError,
+    control_request, ControlEvent, Delivery, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle, Transport,
+    TransportError,
 };
 
 const SEP: &str = "\x06\x16";
@@ -158,76 +158,6 @@ fn brpop_keys(prefix: &str, queues: &[String]) -> Vec<String> {
         .iter()
         .flat_map(|step| queues.iter().map(move |q| format!("{prefix}{}", queue_for_priority(q, *step))))
         .collect()
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EnvelopeError {
-    #[error("not a JSON object: {0}")]
-    NotJson(String),
-    #[error("body: {0}")]
-    Body(String),
-}
-
-/// Unwrap kombu's stored envelope (reference §2.1).
-pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError> {
-    let v: Value = serde_json::from_str(raw).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
-    let Value::Object(mut env) = v else {
-        return Err(EnvelopeError::NotJson("envelope is not a mapping".into()));
-    };
-    let mut properties = match env.remove("properties") {
-        Some(Value::Object(p)) => p,
-        _ => Map::new(),
-    };
-    let body_encoding = properties.get("body_encoding").and_then(Value::as_str).unwrap_or("");
-    let body = match env.remove("body") {
-        Some(Value::String(s)) if body_encoding == "base64" => base64::engine::general_purpose::STANDARD
-            .decode(s.as_bytes())
-            .map_err(|e| EnvelopeError::Body(format!("invalid base64: {e}")))?,
-        Some(Value::String(s)) => s.into_bytes(),
-        Some(Value::Null) | None => Vec::new(),
-        Some(other) => other.to_string().into_bytes(),
-    };
-    let delivery_info = properties.get("delivery_info").and_then(Value::as_object);
-    let exchange = delivery_info.and_then(|d| d.get("exchange")).and_then(Value::as_str).unwrap_or("").to_owned();
-    let routing_key =
-        delivery_info.and_then(|d| d.get("routing_key")).and_then(Value::as_str).unwrap_or(queue).to_owned();
-    let redelivered = delivery_info.and_then(|d| d.get("redelivered")).and_then(Value::as_bool).unwrap_or(false);
-    let tag = match properties.get("delivery_tag").and_then(Value::as_str) {
-        Some(t) => t.to_owned(),
-        None => {
-            let t = uuid::Uuid::new_v4().to_string();
-            properties.insert("delivery_tag".into(), Value::String(t.clone()));
-            t
-        }
-    };
-    let text = |env: &Map<String, Value>, k: &str| env.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-    Ok(Delivery {
-        tag,
-        exchange,
-        routing_key,
-        redelivered,
-        content_type: text(&env, "content-type"),
-        content_encoding: text(&env, "content-encoding"),
-        headers: env.remove("headers").unwrap_or(Value::Null),
-        properties,
-        body,
-    })
-}
-
-/// `Channel._do_restore_message`: mark a stored envelope as redelivered.
-fn mark_redelivered(envelope: &str) -> String {
-    let Ok(Value::Object(mut env)) = serde_json::from_str::<Value>(envelope) else {
-        return envelope.to_owned();
-    };
-    if let Some(Value::Object(h)) = env.get_mut("headers") {
-        h.insert("redelivered".into(), Value::Bool(true));
-    }
-    if let Some(Value::Object(p)) = env.get_mut("properties") {
-        if let Some(Value::Object(d)) = p.get_mut("delivery_info") {
-            d.insert("redelivered".into(), Value::Bool(true));
-        }
-    }
-    serde_json::to_string(&Value::Object(env)).unwrap_or_else(|_| envelope.to_owned())
 }
 
 fn envelope_priority(envelope_props: &Map<String, Value>) -> u8 {
@@ -681,20 +611,8 @@ impl Transport for RedisTransport {
         let (body, ticket) = control_request(method, arguments, &reply_exchange, &oid);
         let db = self.client.get_connection_info().redis.db;
         let expires = now_secs() + timeout.as_secs_f64();
-        let envelope = serde_json::json!({
-            "body": base64::engine::general_purpose::STANDARD.encode(reply_body(&body)),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"clock": 1, "expires": expires},
-            "properties": {
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": mailbox.exchange(), "routing_key": ""},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": uuid::Uuid::new_v4().to_string(),
-            },
-        })
-        .to_string();
+        let headers = serde_json::json!({"clock": 1, "expires": expires});
+        let envelope = encode_json(&body, headers, &mailbox.exchange(), "", 2);
         let topic = format!("{}/{db}.{}", self.opts.global_keyprefix, mailbox.exchange());
         let _: i64 = conn.publish(topic, envelope).await?;
         // Collect from the reply list until the deadline, on a connection of our own (BRPOP blocks).
@@ -726,20 +644,8 @@ impl Transport for RedisTransport {
         // A direct exchange on Redis: its binding table names the client's reply queue.
         let mut conn = self.conn.clone();
         let members: Vec<String> = conn.smembers(self.key(&format!("_kombu.binding.{}", to.exchange))).await?;
-        let envelope = serde_json::json!({
-            "body": base64::engine::general_purpose::STANDARD.encode(reply_body(body)),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"ticket": ticket, "clock": clock},
-            "properties": {
-                "delivery_mode": 1,
-                "delivery_info": {"exchange": to.exchange, "routing_key": to.routing_key},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": uuid::Uuid::new_v4().to_string(),
-            },
-        })
-        .to_string();
+        let headers = serde_json::json!({"ticket": ticket, "clock": clock});
+        let envelope = encode_json(body, headers, &to.exchange, &to.routing_key, 1);
         for member in members {
             let mut parts = member.split(SEP);
             let (Some(rk), Some(_pattern), Some(queue)) = (parts.next(), parts.next(), parts.next()) else { continue };
@@ -753,20 +659,7 @@ impl Transport for RedisTransport {
     async fn publish_event(&self, routing_key: &str, hostname: &str, body: &Value) -> Result<(), TransportError> {
         let db = self.client.get_connection_info().redis.db;
         let topic = format!("{}/{db}.celeryev/{routing_key}", self.opts.global_keyprefix);
-        let envelope = serde_json::json!({
-            "body": base64::engine::general_purpose::STANDARD.encode(reply_body(body)),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"hostname": hostname},
-            "properties": {
-                "delivery_mode": 1,
-                "delivery_info": {"exchange": "celeryev", "routing_key": routing_key},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": uuid::Uuid::new_v4().to_string(),
-            },
-        })
-        .to_string();
+        let envelope = encode_json(body, serde_json::json!({"hostname": hostname}), "celeryev", routing_key, 1);
         let mut conn = self.conn.clone();
         let _: i64 = conn.publish(topic, envelope).await?;
         Ok(())
@@ -881,28 +774,6 @@ mod tests {
         assert_eq!(keys[7], "b\x06\x169");
         assert_eq!(queue_of_key("a\x06\x163"), "a");
         assert_eq!(queue_of_key("plain"), "plain");
-    }
-
-    #[test]
-    fn decodes_a_captured_kombu_envelope() {
-        let raw = r#"{"body": "W1syLCAzXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d", "content-encoding": "utf-8", "content-type": "application/json", "headers": {"lang": "py", "task": "refapp.add", "id": "11111111-1111-1111-1111-111111111111"}, "properties": {"correlation_id": "11111111-1111-1111-1111-111111111111", "reply_to": "847919b4", "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "640b6710-3948-4add-a3e8-a2047847dc53"}}"#;
-        let d = decode_envelope(raw, "celery").unwrap();
-        assert_eq!(d.tag, "640b6710-3948-4add-a3e8-a2047847dc53");
-        assert_eq!(d.routing_key, "celery");
-        assert_eq!(d.content_type, "application/json");
-        assert!(d.body.starts_with(b"[[2, 3], {}"));
-        assert_eq!(d.headers["task"], "refapp.add");
-        let again = mark_redelivered(raw);
-        let v: Value = serde_json::from_str(&again).unwrap();
-        assert_eq!(v["headers"]["redelivered"], true);
-        assert_eq!(v["properties"]["delivery_info"]["redelivered"], true);
-    }
-
-    #[test]
-    fn rejects_broken_envelopes() {
-        assert!(decode_envelope("nope", "q").is_err());
-        assert!(decode_envelope("[1]", "q").is_err());
-        assert!(decode_envelope(r#"{"body": "!!", "properties": {"body_encoding": "base64"}}"#, "q").is_err());
     }
 
     #[test]
