@@ -18,6 +18,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::{banner, http, logging, pidfile::Pidfile, signals};
 use crate::pool::{zygote, Pool};
 use crate::transport::amqp::{AmqpOptions, AmqpTransport};
+use crate::transport::filesystem::{FilesystemOptions, FilesystemTransport};
 use crate::transport::redis::{RedisOptions, RedisTransport};
 use crate::transport::{Transport, TransportError};
 
@@ -194,6 +195,10 @@ async fn connect_and_run(app: &AppInfo, role: Role) -> i32 {
             let connect = || AmqpTransport::connect(&app.broker_url, &app.broker_display, opts.clone());
             let connected = with_retries(app, connect).await;
             run_role(connected, app, role).await
+        }
+        "filesystem" => {
+            let opts = FilesystemOptions::from_transport_options(&app.conf.broker_transport_options);
+            run_role(FilesystemTransport::open(opts, &app.hostname), app, role).await
         }
         _ => {
             error!("{}", TransportError::UnsupportedUrl(app.broker_display.clone()));

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from conftest import BACKEND_URL, BROKER_URL, ROOT
+import pytest
+
+from conftest import BACKEND_URL, BROKER_KIND, BROKER_URL, ROOT
 
 PROJECT = ROOT / "examples" / "django_project"
 
@@ -33,6 +35,26 @@ def test_django_example_end_to_end(worker, tmp_path):
     log = w.log()
     assert "notes.tasks.create_note" in log  # autodiscovered and listed in the banner
     assert ".> concurrency: 2" in log
+    assert w.stop() == 0
+
+
+@pytest.mark.skipif(BROKER_KIND != "redis", reason="needs no broker: run once, in the Redis pass")
+def test_first_run_needs_no_server(worker, tmp_path):
+    """The README's first run: the example's defaults put messages in a folder
+    (filesystem://) and results in files, so nothing but Python and Rust is needed."""
+    env = {"CELERY_DATA_DIR": str(tmp_path / "celery"), "DJANGO_DB_PATH": str(tmp_path / "db.sqlite3"),
+           "CELERIAC_LOGLEVEL": "INFO", "CELERIAC_CONCURRENCY": "2"}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
+    full_env.update(env)
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=full_env, check=True,
+                   capture_output=True)
+    w = worker(["-A", "core", "worker"], cwd=PROJECT, env=env).wait_ready()
+    assert "transport:   filesystem://" in w.log()
+    out = subprocess.run([sys.executable, "manage.py", "enqueue"], cwd=PROJECT, env=full_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr + w.log()
+    assert "add(2, 3) = 5" in out.stdout and "count_notes = 3" in out.stdout
+    assert list((tmp_path / "celery" / "results").glob("celery-task-meta-*"))  # Celery's file backend
     assert w.stop() == 0
 
 

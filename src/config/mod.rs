@@ -233,8 +233,9 @@ impl WorkerSettings {
             http_port: worker.http_port,
             http_bind: worker.http_bind.clone(),
             shutdown_timeout: worker.shutdown_timeout.filter(|t| *t >= 0.0),
-            mingle: !worker.without_mingle,
-            gossip: !worker.without_gossip,
+            // Stock's Mingle and Gossip bootsteps run on AMQP and Redis only (`compatible_transports`).
+            mingle: !worker.without_mingle && broadcasts_to_workers(&app.broker_url),
+            gossip: !worker.without_gossip && broadcasts_to_workers(&app.broker_url),
             autoscale,
             beat: worker.beat.then(|| crate::beat::BeatOptions {
                 schedule_filename: worker.schedule_filename.clone(),
@@ -315,6 +316,15 @@ pub fn beat_zygote_options(cli: &Cli, beat: &crate::cli::BeatArgs) -> Value {
         "logfile": beat.logfile,
         "log_format": if beat.log_format == crate::ops::logging::LogFormat::Json { "json" } else { "text" },
     })
+}
+
+/// Brokers whose workers can say hello to each other (mingle) and follow each other (gossip).
+fn broadcasts_to_workers(broker_url: &str) -> bool {
+    let scheme = broker_url.split("://").next().unwrap_or("");
+    matches!(
+        scheme,
+        "amqp" | "amqps" | "pyamqp" | "pyamqps" | "librabbitmq" | "redis" | "rediss" | "redis+socket" | "unix"
+    )
 }
 
 #[cfg(test)]

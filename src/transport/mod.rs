@@ -5,6 +5,8 @@
 //! for messages given back unstarted at shutdown).
 
 pub mod amqp;
+pub mod envelope;
+pub mod filesystem;
 pub mod redis;
 
 use std::future::Future;
@@ -196,7 +198,7 @@ fn yes() -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("unsupported broker URL {0:?} (supported: redis://, amqp://, pyamqp://, amqps://)")]
+    #[error("unsupported broker URL {0:?} (supported: redis://, amqp://, pyamqp://, amqps://, filesystem://)")]
     UnsupportedUrl(String),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
@@ -206,6 +208,8 @@ pub enum TransportError {
     Disconnected(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("filesystem: {0}")]
+    Folder(String),
 }
 
 /// The transport seam. Implementations keep their own record of the deliveries they handed

@@ -24,6 +24,9 @@ app.conf.update(
     beat_max_loop_interval=float(os.environ.get("BEATAPP_MAX_INTERVAL", "1")),
 )
 
+if os.environ.get("TESTAPP_TRANSPORT_OPTIONS"):
+    app.conf.broker_transport_options = json.loads(os.environ["TESTAPP_TRANSPORT_OPTIONS"])
+
 # A clock that starts at BEATAPP_CLOCK_START (ISO 8601, with offset) when the process starts
 # and runs BEATAPP_CLOCK_SPEED times faster than real time: crontab entries are evaluated
 # against chosen clock times without waiting for real hours.
