@@ -20,6 +20,7 @@ use crate::pool::{zygote, Pool};
 use crate::transport::amqp::{AmqpOptions, AmqpTransport};
 use crate::transport::filesystem::{FilesystemOptions, FilesystemTransport};
 use crate::transport::redis::{RedisOptions, RedisTransport};
+use crate::transport::sqs::{SqsOptions, SqsTransport};
 use crate::transport::{Transport, TransportError};
 
 /// Deliveries buffered between the transport and the consumer; the prefetch window is the
@@ -199,6 +200,11 @@ async fn connect_and_run(app: &AppInfo, role: Role) -> i32 {
         "filesystem" => {
             let opts = FilesystemOptions::from_transport_options(&app.conf.broker_transport_options);
             run_role(FilesystemTransport::open(opts, &app.hostname), app, role).await
+        }
+        "sqs" => {
+            let opts = SqsOptions::new(&app.broker_connection, &app.conf.broker_transport_options);
+            let connected = with_retries(app, || SqsTransport::connect(opts.clone())).await;
+            run_role(connected, app, role).await
         }
         _ => {
             error!("{}", TransportError::UnsupportedUrl(app.broker_display.clone()));

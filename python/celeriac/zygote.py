@@ -166,6 +166,8 @@ def bootstrap_info(app, hostname, options):
         # Failover: every URL of `broker_url` (a list or `;`-separated), first one first.
         "broker_url": ";".join(conn.alt) if conn.alt else conn.as_uri(include_password=True),
         "broker_display": conn.as_uri(),
+        "broker_connection": {"userid": conn.userid, "password": conn.password, "hostname": conn.hostname,
+                              "port": conn.port},
         "transport": conn.transport_cls if isinstance(conn.transport_cls, str) else str(conn.transport_cls),
         "result_backend": backend_uri,
         "queues": queues,

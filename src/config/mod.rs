@@ -41,6 +41,10 @@ pub struct AppInfo {
     pub revoked: Vec<String>,
     #[serde(default)]
     pub broker_info: Value,
+    /// The broker connection as kombu parsed it (`userid`, `password`, `hostname`, `port`):
+    /// SQS takes its credentials and endpoint from there.
+    #[serde(default)]
+    pub broker_connection: Map<String, Value>,
     pub conf: AppConf,
 }
 

@@ -8,6 +8,7 @@ pub mod amqp;
 pub mod envelope;
 pub mod filesystem;
 pub mod redis;
+pub mod sqs;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -198,7 +199,7 @@ fn yes() -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("unsupported broker URL {0:?} (supported: redis://, amqp://, pyamqp://, amqps://, filesystem://)")]
+    #[error("unsupported broker URL {0:?} (supported: redis://, amqp://, pyamqp://, amqps://, sqs://, filesystem://)")]
     UnsupportedUrl(String),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
@@ -210,6 +211,8 @@ pub enum TransportError {
     Tls(String),
     #[error("filesystem: {0}")]
     Folder(String),
+    #[error("sqs: {0}")]
+    Sqs(String),
 }
 
 /// The transport seam. Implementations keep their own record of the deliveries they handed
