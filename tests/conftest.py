@@ -9,6 +9,7 @@ import signal as signals
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,25 @@ def wait_started(marker, count=1, timeout=20):
             return
         time.sleep(0.02)
     raise AssertionError(f"task did not start {count} time(s)")
+
+
+def share_one_queue(stock, ours, app, backend, tasks, timeout):
+    """A stock worker and celeriac consume one queue: `tasks` testapp.count tasks sent through
+    `app` each run exactly once, both workers take a share, and celeriac stops cleanly."""
+    stock.wait_ready(timeout=60)
+    ours.wait_ready()
+    key = f"shared:{uuid.uuid4()}"
+    with app.producer_or_acquire() as producer:
+        sent = [app.send_task("testapp.count", (key,), producer=producer).id for _ in range(tasks)]
+    deadline = time.time() + timeout
+    while backend.hlen(key) < len(sent):
+        assert time.time() < deadline, f"only {backend.hlen(key)} of {len(sent)} tasks ran within {timeout}s"
+        time.sleep(0.1)
+    assert ours.stop() == 0
+    stock.stop()
+    runs = {k.decode(): int(v) for k, v in backend.hgetall(key).items()}
+    assert set(runs) == set(sent) and set(runs.values()) == {1}
+    assert "Task testapp.count[" in stock.log() and "Task testapp.count[" in ours.log()
 
 
 def only_on(kind):

@@ -18,7 +18,7 @@ import pytest
 from celery import Celery, chord
 
 import testapp
-from conftest import APPS, BACKEND_URL, BROKER_KIND, wait_started
+from conftest import APPS, BACKEND_URL, BROKER_KIND, share_one_queue, wait_started
 
 pytestmark = pytest.mark.skipif(BROKER_KIND != "redis", reason="the folder transport is tested once, in the Redis pass")
 
@@ -165,17 +165,7 @@ def test_reject_requeue_store_processed_and_bad_files(worker, broker, tmp_path, 
 def test_a_stock_worker_shares_the_folder(worker, broker, backend, fs):
     stock = start(worker, fs, "-c", "2", node="stock@testhost", command=[sys.executable, "-m", "celery"], name="stock")
     ours = start(worker, fs, "-c", "2", name="celeriac")
-    stock.wait_ready(timeout=60)
-    ours.wait_ready()
-    key = f"shared:{uuid.uuid4()}"
-    with fs.app.producer_or_acquire() as producer:
-        sent = [fs.app.send_task("testapp.count", (key,), producer=producer).id for _ in range(400)]
-    wait_until(lambda: backend.hlen(key) >= len(sent), timeout=60)
-    assert ours.stop() == 0
-    stock.stop()
-    runs = {k.decode(): int(v) for k, v in backend.hgetall(key).items()}
-    assert set(runs) == set(sent) and set(runs.values()) == {1}
-    assert "Task testapp.count[" in stock.log() and "Task testapp.count[" in ours.log()  # both took a share
+    share_one_queue(stock, ours, fs.app, backend, tasks=400, timeout=60)
     assert not waiting(fs) and not held(fs)
 
 

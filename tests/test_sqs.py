@@ -21,7 +21,7 @@ from celery import Celery, chord
 from kombu import Queue
 
 import testapp
-from conftest import BACKEND_URL, BROKER_KIND, wait_started
+from conftest import BACKEND_URL, BROKER_KIND, share_one_queue, wait_started
 
 pytestmark = pytest.mark.skipif(BROKER_KIND != "redis", reason="SQS is tested once, in the Redis pass")
 
@@ -207,14 +207,25 @@ def test_a_stock_worker_shares_the_queue(worker, broker, backend, sqs):
     stock = start(worker, sqs, "-c", "2", node="stock@testhost", command=[sys.executable, "-m", "celery"],
                   name="stock")
     ours = start(worker, sqs, "-c", "2", name="celeriac")
-    stock.wait_ready(timeout=60)
-    ours.wait_ready()
-    key = f"shared:{uuid.uuid4()}"
-    with sqs.app.producer_or_acquire() as producer:
-        sent = [sqs.app.send_task("testapp.count", (key,), producer=producer).id for _ in range(200)]
-    wait_until(lambda: backend.hlen(key) >= len(sent), timeout=90)
-    assert ours.stop() == 0
-    stock.stop()
-    runs = {k.decode(): int(v) for k, v in backend.hgetall(key).items()}
-    assert set(runs) == set(sent) and set(runs.values()) == {1}
-    assert "Task testapp.count[" in stock.log() and "Task testapp.count[" in ours.log()
+    share_one_queue(stock, ours, sqs.app, backend, tasks=200, timeout=90)
+
+
+def test_credentials_from_the_aws_chain_and_a_clear_error_without(worker, broker, sqs, moto):
+    # `sqs://` with no key in the URL: the standard AWS chain (here: the environment) supplies
+    # the credentials, and `endpoint_url` points at the emulator. IMDS is off: no traffic may
+    # leave this machine.
+    no_imds = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent",
+               "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    chain = {"CELERIAC_TEST_BROKER": "sqs://", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+             **no_imds}
+    start(worker, sqs, options={"endpoint_url": moto}, env=chain).wait_ready()
+    assert send(sqs.app, "add", 1, 2).get(timeout=20) == 3
+    bare = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **no_imds,
+            **sqs.env(endpoint_url=moto), "CELERIAC_TEST_BROKER": "sqs://", "TESTAPP_NO_STARTUP_RETRY": "1",
+            "VIRTUAL_ENV": sys.prefix}
+    from conftest import APPS, BIN
+
+    out = subprocess.run([str(BIN), "-A", "testapp", "worker", "-c", "1", "-n", "bare@testhost"], cwd=APPS,
+                         env=bare, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "Cannot connect to sqs://" in out.stderr and "credentials" in out.stderr.lower(), out.stderr

@@ -839,11 +839,9 @@ impl Transport for FilesystemTransport {
         1
     }
 
-    fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    fn maintain(self: Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         // Nothing expires in a folder.
-        tokio::spawn(async move {
-            let _ = stop.changed().await;
-        })
+        super::idle_until(stop)
     }
 }
 

@@ -197,6 +197,13 @@ fn yes() -> bool {
     true
 }
 
+/// A task with nothing to do but wait for the stop: a duty this transport does not have.
+pub fn idle_until(mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = stop.changed().await;
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("unsupported broker URL {0:?} (supported: redis://, amqp://, pyamqp://, amqps://, sqs://, filesystem://)")]

@@ -618,11 +618,9 @@ impl Transport for SqsTransport {
         self: Arc<Self>,
         _ttl_ms: u64,
         _events: mpsc::Sender<PeerEvent>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let _ = stop.changed().await;
-        })
+        super::idle_until(stop)
     }
 
     async fn beat_lead(&self, name: &str, _holder: &str, _ttl: Duration) -> Result<bool, TransportError> {

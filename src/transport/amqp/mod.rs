@@ -865,11 +865,9 @@ impl Transport for AmqpTransport {
         self.consuming.load(Ordering::Relaxed)
     }
 
-    fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    fn maintain(self: Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         // Heartbeats are lapin's; nothing else needs tending.
-        tokio::spawn(async move {
-            let _ = stop.changed().await;
-        })
+        super::idle_until(stop)
     }
 }
 
