@@ -115,13 +115,14 @@ def wait_started(marker, count=1, timeout=20):
 
 
 def share_one_queue(stock, ours, app, backend, tasks, timeout):
-    """A stock worker and celeriac consume one queue: `tasks` testapp.count tasks sent through
-    `app` each run exactly once, both workers take a share, and celeriac stops cleanly."""
+    """A stock worker and celeriac consume one queue: `tasks` tasks sent through `app` (each
+    taking 20 ms, so neither worker can drain them all before the other polls) each run exactly
+    once, both workers take a share, and celeriac stops cleanly."""
     stock.wait_ready(timeout=60)
     ours.wait_ready()
     key = f"shared:{uuid.uuid4()}"
     with app.producer_or_acquire() as producer:
-        sent = [app.send_task("testapp.count", (key,), producer=producer).id for _ in range(tasks)]
+        sent = [app.send_task("testapp.count_slowly", (key, 0.02), producer=producer).id for _ in range(tasks)]
     deadline = time.time() + timeout
     while backend.hlen(key) < len(sent):
         assert time.time() < deadline, f"only {backend.hlen(key)} of {len(sent)} tasks ran within {timeout}s"
@@ -130,7 +131,7 @@ def share_one_queue(stock, ours, app, backend, tasks, timeout):
     stock.stop()
     runs = {k.decode(): int(v) for k, v in backend.hgetall(key).items()}
     assert set(runs) == set(sent) and set(runs.values()) == {1}
-    assert "Task testapp.count[" in stock.log() and "Task testapp.count[" in ours.log()
+    assert "Task testapp.count_slowly[" in stock.log() and "Task testapp.count_slowly[" in ours.log()
 
 
 def only_on(kind):

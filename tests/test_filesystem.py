@@ -29,7 +29,7 @@ NODE = "fs@testhost"
 def fs(tmp_path):
     folder = tmp_path / "broker"
     options = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-               "control_folder": str(folder / "control")}
+               "control_folder": str(folder / "control"), "polling_interval": 0.1}
     for d in ("queue", "control"):
         (folder / d).mkdir(parents=True)
     app = Celery("producer", broker="filesystem://", backend=BACKEND_URL)
@@ -97,7 +97,8 @@ def test_remote_control_and_events_through_the_folders(worker, broker, fs):
         recv = fs.app.events.Receiver(conn, handlers={"*": seen.append})
         r = None
         deadline = time.time() + 15
-        for _ in recv.itercapture(limit=None, timeout=1, wakeup=False):
+        # Heartbeats arrive every 2 s: the first event comes within the timeout.
+        for _ in recv.itercapture(limit=None, timeout=10, wakeup=False):
             if r is None:
                 r = send(fs, "add", 4, 4)
             if any(e.get("type") == "task-succeeded" and e.get("uuid") == r.id for e in seen) or time.time() > deadline:
@@ -115,8 +116,8 @@ def test_a_killed_worker_gets_the_messages_it_held_back(worker, broker, fs):
     w = start(worker, fs).wait_ready()
     marker = f"m:{uuid.uuid4()}"
     late = send(fs, "late_sleep", 2, marker)
+    wait_started(marker)  # (messages sent in the same millisecond have no order among them)
     adds = [send(fs, "add", i, i) for i in range(2)]
-    wait_started(marker)
     wait_until(lambda: len(held(fs)) == 3)  # the running acks_late task and two prefetched
     os.killpg(w.pid, signal.SIGKILL)
     w.proc.wait(10)
@@ -133,8 +134,8 @@ def test_warm_shutdown_gives_prefetched_back_to_the_front(worker, broker, fs):
     w = start(worker, fs, "--prefetch-multiplier", "4").wait_ready()
     marker = f"m:{uuid.uuid4()}"
     running = send(fs, "sleep", 1.5, marker)
-    adds = [send(fs, "add", i, 1) for i in range(3)]
     wait_started(marker)
+    adds = [send(fs, "add", i, 1) for i in range(3)]
     wait_until(lambda: len(held(fs)) == 3)
     names = held(fs)
     w.signal(signal.SIGTERM)

@@ -157,8 +157,8 @@ def test_warm_shutdown_releases_prefetched_at_once(worker, broker, sqs):
     w = start(worker, sqs, "--prefetch-multiplier", "4").wait_ready()
     marker = f"m:{uuid.uuid4()}"
     running = send(sqs.app, "sleep", 1.5, marker)
+    wait_started(marker)  # (SQS does not keep the order of standard queues)
     adds = [send(sqs.app, "add", i, 1) for i in range(3)]
-    wait_started(marker)
     wait_until(lambda: counts(sqs)[1] == 3)  # the three adds, prefetched and invisible
     w.signal(signal.SIGTERM)
     assert w.wait_exit(30) == 0

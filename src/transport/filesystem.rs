@@ -33,6 +33,8 @@ use super::{
 };
 
 const UNACKED_DIR: &str = ".celeriac-unacked";
+/// Inside a node's unacked folder: where no-ack consumers move a message while reading it.
+const NO_ACK_DIR: &str = ".no-ack";
 /// A writer that opened its file but has not locked it yet leaves it empty for an instant.
 const EMPTY_FILE_RETRIES: u32 = 50;
 
@@ -181,6 +183,8 @@ impl Folders {
         let safe_node: String =
             node.chars().map(|c| if c.is_ascii_alphanumeric() || "@._-".contains(c) { c } else { '_' }).collect();
         let unacked = opts.data_folder_in.join(UNACKED_DIR).join(safe_node);
+        // What a no-ack consumer (mailbox, replies) had in hand when it last died is stale.
+        let _ = fs::remove_dir_all(unacked.join(NO_ACK_DIR));
         fs::create_dir_all(&unacked).map_err(io_err(&unacked))?;
         Ok(Folders { opts, unacked })
     }
@@ -459,7 +463,7 @@ impl FilesystemTransport {
             loop {
                 let q = queue.clone();
                 let taken = blocking(&self.folders, move |f| {
-                    let scratch = f.unacked.join(".no-ack");
+                    let scratch = f.unacked.join(NO_ACK_DIR);
                     fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
                     let mut out = Vec::new();
                     for name in f.waiting(std::slice::from_ref(&q))? {

@@ -520,21 +520,24 @@ impl Transport for SqsTransport {
         mut stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut pollers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+            // Each poller has a stop of its own: a cancelled queue's poller finishes the long
+            // poll it is in (aborting it would leave received messages invisible).
+            let mut pollers: HashMap<String, (tokio::task::JoinHandle<()>, watch::Sender<bool>)> = HashMap::new();
             loop {
                 let wanted: Vec<String> = queues.borrow_and_update().iter().map(|q| q.name.clone()).collect();
-                pollers.retain(|name, task| {
+                pollers.retain(|name, (_, own_stop)| {
                     let keep = wanted.contains(name);
                     if !keep {
-                        task.abort();
+                        let _ = own_stop.send(true);
                     }
                     keep
                 });
                 for name in wanted {
                     if let std::collections::hash_map::Entry::Vacant(slot) = pollers.entry(name) {
+                        let (own_stop, stopped) = watch::channel(false);
                         let name = slot.key().clone();
-                        let poller = self.clone().poll_queue(name, window.clone(), deliveries.clone(), stop.clone());
-                        slot.insert(tokio::spawn(poller));
+                        let poller = self.clone().poll_queue(name, window.clone(), deliveries.clone(), stopped);
+                        slot.insert((tokio::spawn(poller), own_stop));
                     }
                 }
                 tokio::select! {
@@ -542,7 +545,8 @@ impl Transport for SqsTransport {
                     _ = stop.changed() => break,
                 }
             }
-            for (_, task) in pollers {
+            for (task, own_stop) in pollers.into_values() {
+                let _ = own_stop.send(true);
                 let _ = task.await;
             }
         })
