@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{error, info, warn};
 
-use super::envelope::{decode_envelope, encode_json, mark_redelivered};
+use super::envelope::{self, decode_envelope, mark_redelivered};
 use super::{
     control_request, ControlEvent, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle, Transport, TransportError,
 };
@@ -311,6 +311,21 @@ impl Folders {
         read_locked(&to).map(Some)
     }
 
+    /// Take every waiting message of `queue` for a no-ack consumer (mailbox, replies, events):
+    /// each is moved aside, read and removed.
+    fn take_no_ack(&self, queue: &str) -> Result<Vec<String>, FolderError> {
+        let scratch = self.unacked.join(NO_ACK_DIR);
+        fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
+        let mut out = Vec::new();
+        for name in self.waiting(&[queue.to_owned()])? {
+            if let Some(raw) = self.take(&name, &scratch)? {
+                out.push(raw);
+            }
+            let _ = fs::remove_file(scratch.join(&name));
+        }
+        Ok(out)
+    }
+
     /// Settle a held message: gone (or kept in `processed_folder` with `store_processed`).
     fn finish(&self, name: &str) {
         let path = self.unacked.join(name);
@@ -462,20 +477,7 @@ impl FilesystemTransport {
             let interval = self.folders.opts.polling_interval;
             loop {
                 let q = queue.clone();
-                let taken = blocking(&self.folders, move |f| {
-                    let scratch = f.unacked.join(NO_ACK_DIR);
-                    fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
-                    let mut out = Vec::new();
-                    for name in f.waiting(std::slice::from_ref(&q))? {
-                        if let Some(raw) = f.take(&name, &scratch)? {
-                            out.push(raw);
-                        }
-                        let _ = fs::remove_file(scratch.join(&name));
-                    }
-                    Ok(out)
-                })
-                .await;
-                match taken {
+                match blocking(&self.folders, move |f| f.take_no_ack(&q)).await {
                     Ok(raws) => {
                         for raw in raws {
                             match decode_envelope(&raw, &queue) {
@@ -692,14 +694,9 @@ impl Transport for FilesystemTransport {
                     d = rx.recv() => match d { Some(d) => d, None => break },
                     _ = stop.changed() => break,
                 };
-                let clock = d.headers.get("clock").and_then(Value::as_u64).unwrap_or(0);
-                match serde_json::from_slice::<Value>(&d.body) {
-                    Ok(body) => {
-                        if requests.send(ControlEvent::Request(body, clock)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => warn!("pidbox: undecodable request ({e}), ignored"),
+                let Some(event) = envelope::control_event(&d) else { continue };
+                if requests.send(event).await.is_err() {
+                    break;
                 }
             }
             follower.abort();
@@ -719,32 +716,16 @@ impl Transport for FilesystemTransport {
         let reply_queue = format!("{oid}.{reply_exchange}");
         self.bind(&reply_exchange, ExchangeType::Direct, &oid, &reply_queue).await?;
         let (body, ticket) = control_request(method, arguments, &reply_exchange, &oid);
-        let expires =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-                + timeout.as_secs_f64();
-        let envelope =
-            encode_json(&body, serde_json::json!({"clock": 1, "expires": expires}), &mailbox.exchange(), "", 2);
-        self.publish(&mailbox.exchange(), ExchangeType::Fanout, "", envelope).await?;
+        let request = envelope::broadcast_request(&body, &mailbox.exchange(), timeout);
+        self.publish(&mailbox.exchange(), ExchangeType::Fanout, "", request).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut replies = Vec::new();
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(self.folders.opts.polling_interval).await;
             let q = reply_queue.clone();
-            let raws = blocking(&self.folders, move |f| {
-                let names = f.waiting(&[q])?;
-                Ok(names
-                    .iter()
-                    .filter_map(|n| f.take(n, &f.unacked).ok().flatten().map(|raw| (n.clone(), raw)))
-                    .collect::<Vec<_>>())
-            })
-            .await?;
-            for (name, raw) in raws {
-                self.folders.finish(&name);
-                let Ok(d) = decode_envelope(&raw, &reply_queue) else { continue };
-                if d.headers.get("ticket").and_then(Value::as_str) == Some(ticket.as_str()) {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&d.body) {
-                        replies.push(v);
-                    }
+            for raw in blocking(&self.folders, move |f| f.take_no_ack(&q)).await? {
+                if let Ok(d) = decode_envelope(&raw, &reply_queue) {
+                    replies.extend(envelope::reply_to_ticket(&d, &ticket));
                 }
             }
         }
@@ -753,15 +734,14 @@ impl Transport for FilesystemTransport {
     }
 
     async fn reply(&self, to: &ReplyTo, ticket: &str, clock: u64, body: &Value) -> Result<(), TransportError> {
-        let headers = serde_json::json!({"ticket": ticket, "clock": clock});
-        let envelope = encode_json(body, headers, &to.exchange, &to.routing_key, 1);
-        self.publish(&to.exchange, ExchangeType::Direct, &to.routing_key, envelope).await?;
+        let reply = envelope::control_reply(body, to, ticket, clock);
+        self.publish(&to.exchange, ExchangeType::Direct, &to.routing_key, reply).await?;
         Ok(())
     }
 
     async fn publish_event(&self, routing_key: &str, hostname: &str, body: &Value) -> Result<(), TransportError> {
-        let envelope = encode_json(body, serde_json::json!({"hostname": hostname}), "celeryev", routing_key, 1);
-        self.publish("celeryev", ExchangeType::Topic, routing_key, envelope).await?;
+        self.publish("celeryev", ExchangeType::Topic, routing_key, envelope::event(body, hostname, routing_key))
+            .await?;
         Ok(())
     }
 
@@ -785,8 +765,7 @@ impl Transport for FilesystemTransport {
                     d = rx.recv() => match d { Some(d) => d, None => break },
                     _ = stop.changed() => break,
                 };
-                let hostname = d.headers.get("hostname").and_then(Value::as_str);
-                let Some(event) = PeerEvent::new(&d.routing_key, hostname, &d.body) else { continue };
+                let Some(event) = envelope::peer_event(&d) else { continue };
                 if events.send(event).await.is_err() {
                     break;
                 }
@@ -898,12 +877,12 @@ mod tests {
         folders.change_binding("celery", &binding(ExchangeType::Direct, "celery", "celery"), true).unwrap();
         folders.change_binding("celery", &binding(ExchangeType::Direct, "celery", "celery"), true).unwrap();
         assert_eq!(folders.table("celery").unwrap().len(), 1);
-        let envelope = encode_json(&serde_json::json!([1]), serde_json::json!({}), "celery", "celery", 2);
-        assert_eq!(folders.publish("celery", ExchangeType::Direct, "celery", &envelope).unwrap(), 1);
+        let message = envelope::encode_json(&serde_json::json!([1]), serde_json::json!({}), "celery", "celery", 2);
+        assert_eq!(folders.publish("celery", ExchangeType::Direct, "celery", &message).unwrap(), 1);
         let waiting = folders.waiting(&["celery".into()]).unwrap();
         assert_eq!(waiting.len(), 1);
         let raw = folders.take(&waiting[0], &folders.unacked).unwrap().unwrap();
-        assert_eq!(raw, envelope);
+        assert_eq!(raw, message);
         assert!(folders.take(&waiting[0], &folders.unacked).unwrap().is_none());
         assert_eq!(folders.restore_orphans().unwrap(), 1);
         let again = folders.waiting(&["celery".into()]).unwrap();

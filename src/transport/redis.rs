@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use super::envelope::{decode_envelope, encode_json, mark_redelivered};
+use super::envelope::{self, decode_envelope, mark_redelivered};
 use super::{
     control_request, ControlEvent, Delivery, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle, Transport,
     TransportError,
@@ -575,16 +575,10 @@ impl Transport for RedisTransport {
             while let Some(item) = rx.recv().await {
                 let event = match item {
                     Fanout::Subscribed => ControlEvent::Listening,
-                    Fanout::Message(d) => {
-                        let clock = d.headers.get("clock").and_then(Value::as_u64).unwrap_or(0);
-                        match serde_json::from_slice::<Value>(&d.body) {
-                            Ok(body) => ControlEvent::Request(body, clock),
-                            Err(e) => {
-                                warn!("pidbox: undecodable request ({e}), ignored");
-                                continue;
-                            }
-                        }
-                    }
+                    Fanout::Message(d) => match envelope::control_event(&d) {
+                        Some(event) => event,
+                        None => continue,
+                    },
                 };
                 if requests.send(event).await.is_err() {
                     break;
@@ -610,9 +604,7 @@ impl Transport for RedisTransport {
         let _: () = conn.sadd(&binding, &member).await?;
         let (body, ticket) = control_request(method, arguments, &reply_exchange, &oid);
         let db = self.client.get_connection_info().redis.db;
-        let expires = now_secs() + timeout.as_secs_f64();
-        let headers = serde_json::json!({"clock": 1, "expires": expires});
-        let envelope = encode_json(&body, headers, &mailbox.exchange(), "", 2);
+        let envelope = envelope::broadcast_request(&body, &mailbox.exchange(), timeout);
         let topic = format!("{}/{db}.{}", self.opts.global_keyprefix, mailbox.exchange());
         let _: i64 = conn.publish(topic, envelope).await?;
         // Collect from the reply list until the deadline, on a connection of our own (BRPOP blocks).
@@ -628,11 +620,7 @@ impl Transport for RedisTransport {
                 redis::cmd("BRPOP").arg(self.key(&reply_queue)).arg(left.max(0.01)).query_async(&mut blocking).await?;
             let Some((_, raw)) = popped else { break };
             if let Ok(d) = decode_envelope(&raw, &reply_queue) {
-                if d.headers.get("ticket").and_then(Value::as_str) == Some(ticket.as_str()) {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&d.body) {
-                        replies.push(v);
-                    }
-                }
+                replies.extend(envelope::reply_to_ticket(&d, &ticket));
             }
         }
         let _: () = conn.srem(&binding, &member).await?;
@@ -644,8 +632,7 @@ impl Transport for RedisTransport {
         // A direct exchange on Redis: its binding table names the client's reply queue.
         let mut conn = self.conn.clone();
         let members: Vec<String> = conn.smembers(self.key(&format!("_kombu.binding.{}", to.exchange))).await?;
-        let headers = serde_json::json!({"ticket": ticket, "clock": clock});
-        let envelope = encode_json(body, headers, &to.exchange, &to.routing_key, 1);
+        let envelope = envelope::control_reply(body, to, ticket, clock);
         for member in members {
             let mut parts = member.split(SEP);
             let (Some(rk), Some(_pattern), Some(queue)) = (parts.next(), parts.next(), parts.next()) else { continue };
@@ -659,7 +646,7 @@ impl Transport for RedisTransport {
     async fn publish_event(&self, routing_key: &str, hostname: &str, body: &Value) -> Result<(), TransportError> {
         let db = self.client.get_connection_info().redis.db;
         let topic = format!("{}/{db}.celeryev/{routing_key}", self.opts.global_keyprefix);
-        let envelope = encode_json(body, serde_json::json!({"hostname": hostname}), "celeryev", routing_key, 1);
+        let envelope = envelope::event(body, hostname, routing_key);
         let mut conn = self.conn.clone();
         let _: i64 = conn.publish(topic, envelope).await?;
         Ok(())
@@ -679,8 +666,7 @@ impl Transport for RedisTransport {
         tokio::spawn(async move {
             while let Some(item) = rx.recv().await {
                 let Fanout::Message(d) = item else { continue };
-                let hostname = d.headers.get("hostname").and_then(Value::as_str);
-                let Some(event) = PeerEvent::new(&d.routing_key, hostname, &d.body) else { continue };
+                let Some(event) = envelope::peer_event(&d) else { continue };
                 if events.send(event).await.is_err() {
                     break;
                 }

@@ -167,6 +167,15 @@ fn envelope_of(body: &str, receipt_handle: &str, queue_url: &str, message_id: &s
     Value::Object(envelope).to_string()
 }
 
+/// Receipt handles grouped by the queue they belong to, for batched calls.
+fn by_queue(held: impl Iterator<Item = (String, SqsQueue)>) -> Vec<(SqsQueue, Vec<String>)> {
+    let mut groups: HashMap<String, (SqsQueue, Vec<String>)> = HashMap::new();
+    for (tag, queue) in held {
+        groups.entry(queue.url.clone()).or_insert_with(|| (queue, Vec::new())).1.push(tag);
+    }
+    groups.into_values().collect()
+}
+
 /// A queue the worker consumes: its SQS URL and the client allowed to use it.
 #[derive(Clone)]
 struct SqsQueue {
@@ -370,14 +379,8 @@ impl SqsTransport {
 
     /// Group the receipt handles of settled deliveries by queue.
     fn take_held(&self, tags: Vec<String>) -> Vec<(SqsQueue, Vec<String>)> {
-        let mut by_queue: HashMap<String, (SqsQueue, Vec<String>)> = HashMap::new();
         let mut held = self.held();
-        for tag in tags {
-            if let Some(h) = held.remove(&tag) {
-                by_queue.entry(h.queue.url.clone()).or_insert_with(|| (h.queue.clone(), Vec::new())).1.push(tag);
-            }
-        }
-        by_queue.into_values().collect()
+        by_queue(tags.into_iter().filter_map(|tag| held.remove(&tag).map(|h| (tag, h.queue))))
     }
 
     /// Long-poll one queue while the prefetch window has room.
@@ -486,17 +489,8 @@ impl SqsTransport {
     /// Extend the visibility of everything held, so SQS does not hand it to another worker
     /// while it waits or runs here.
     async fn extend_held(&self) -> Result<(), TransportError> {
-        let tags: Vec<String> = self.held().keys().cloned().collect();
-        let mut by_queue: HashMap<String, (SqsQueue, Vec<String>)> = HashMap::new();
-        {
-            let held = self.held();
-            for tag in tags {
-                if let Some(h) = held.get(&tag) {
-                    by_queue.entry(h.queue.url.clone()).or_insert_with(|| (h.queue.clone(), Vec::new())).1.push(tag);
-                }
-            }
-        }
-        for (q, handles) in by_queue.into_values() {
+        let groups = by_queue(self.held().iter().map(|(tag, h)| (tag.clone(), h.queue.clone())));
+        for (q, handles) in groups {
             self.change_visibility(&q, &handles, self.opts.visibility_timeout).await?;
         }
         Ok(())
