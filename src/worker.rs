@@ -387,6 +387,12 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         (None, None)
     };
     let stop_rx_beat = stop_rx.clone();
+    // Mingle before this node's own mailbox listens (as stock's bootsteps order them), so the
+    // mailboxes that take the hello are the other workers' only.
+    let mut revoked = app.revoked.clone();
+    if settings.mingle {
+        revoked.extend(mingle(&*transport, &app, &revoked).await);
+    }
     let mailbox = transport.clone().pidbox(app.mailbox(), control_tx, stop_rx);
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
     let (event_tx, event_rx) = mpsc::unbounded_channel();
@@ -418,10 +424,6 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         None => None,
     };
     let pool = Pool::new(zygote, pool_tx);
-    let mut revoked = app.revoked.clone();
-    if settings.mingle {
-        revoked.extend(mingle(&*transport, &app, &revoked).await);
-    }
     let metrics = Arc::new(Metrics::default());
     let (http_port, http_bind) = (settings.http_port, settings.http_bind.clone());
     let http = http_port.map(|port| tokio::spawn(http::serve(http_bind.clone(), port, metrics.clone())));

@@ -211,8 +211,7 @@ def test_mingle_with_a_stock_worker(worker):
                    command=[sys.executable, "-m", "celery"], name="stock")
     stock.wait_ready(timeout=60)
     doomed = str(uuid.uuid4())
-    testapp.app.control.revoke(doomed, destination=["stock@testhost"])
-    time.sleep(0.3)
+    assert testapp.app.control.revoke(doomed, destination=["stock@testhost"], reply=True, timeout=5)
     ours = worker(WORKER).wait_ready()
     assert "mingle: sync with 1 nodes" in ours.log()
     assert doomed in inspect().revoked()[NODE]

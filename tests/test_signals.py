@@ -13,6 +13,11 @@ def test_signal_order_and_processes(worker, tmp_path):
     w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1"], env={"TESTAPP_SIGNAL_LOG": str(log)})
     w.wait_ready()
     assert testapp.add.delay(1, 2).get(timeout=10) == 3
+    # The result is stored before task_success fires in the child: let the first task finish
+    # before the second one is received, or the two processes' lines interleave.
+    deadline = time.time() + 10
+    while "task_postrun" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.02)
     with pytest.raises(testapp.TestError):
         testapp.fail.delay("x").get(timeout=10)
     time.sleep(0.5)  # the result is stored before task_postrun runs; let it finish

@@ -632,7 +632,8 @@ impl Transport for FilesystemTransport {
                 if !took_any {
                     tokio::select! {
                         _ = tokio::time::sleep(interval) => {}
-                        _ = queues.changed() => {}
+                        // Seen by `changed`; marked again so the loop's check picks it up.
+                        Ok(()) = queues.changed() => queues.mark_changed(),
                         _ = stop.changed() => return,
                     }
                 }

@@ -257,7 +257,9 @@ pub trait Transport: Send + Sync + 'static {
     ) -> tokio::task::JoinHandle<()>;
 
     /// Be a remote-control client: broadcast `method` to every node's mailbox and collect the
-    /// replies (`{node: reply}` maps) that arrive within `timeout` (mingle's `hello`).
+    /// replies (`{node: reply}` maps) that arrive within `timeout` (mingle's `hello`). Where the
+    /// broker says how many mailboxes took the request, collecting ends once each has replied:
+    /// stock always waits out `timeout`, even when no other worker exists.
     fn broadcast(
         &self,
         mailbox: &Mailbox,

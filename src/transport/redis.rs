@@ -412,6 +412,7 @@ impl Transport for RedisTransport {
         tokio::spawn(async move {
             let mut names: Vec<String> = queues.borrow_and_update().iter().map(|q| q.name.clone()).collect();
             let mut conn: Option<MultiplexedConnection> = None;
+            let mut client_id: Option<i64> = None;
             let mut backoff = Duration::from_millis(100);
             loop {
                 if *stop.borrow() {
@@ -423,7 +424,9 @@ impl Transport for RedisTransport {
                 };
                 if conn.is_none() {
                     match self.client.get_multiplexed_async_connection().await {
-                        Ok(c) => {
+                        Ok(mut c) => {
+                            // Its id lets a stop wake the BRPOP (CLIENT UNBLOCK, Redis >= 5).
+                            client_id = redis::cmd("CLIENT").arg("ID").query_async(&mut c).await.ok();
                             conn = Some(c);
                             backoff = Duration::from_millis(100);
                             self.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -445,7 +448,8 @@ impl Transport for RedisTransport {
                     // Every queue was cancelled: idle until one is added.
                     drop(permit);
                     tokio::select! {
-                        _ = queues.changed() => {}
+                        // Seen by `changed`; marked again for `follow_queue_changes`.
+                        Ok(()) = queues.changed() => queues.mark_changed(),
                         _ = stop.changed() => return,
                     }
                     continue;
@@ -455,8 +459,22 @@ impl Transport for RedisTransport {
                 let mut brpop = redis::cmd("BRPOP");
                 brpop.arg(&keys).arg(BRPOP_TIMEOUT);
                 // Never abandoned half-way: a BRPOP dropped after Redis popped would lose the
-                // message. It returns within BRPOP_TIMEOUT.
-                let popped: Result<Option<(String, String)>, _> = brpop.query_async(c).await;
+                // message. It returns within BRPOP_TIMEOUT, or at once when a stop unblocks it.
+                let popped: Result<Option<(String, String)>, _> = {
+                    let pop = brpop.query_async(c);
+                    tokio::pin!(pop);
+                    tokio::select! {
+                        popped = &mut pop => popped,
+                        _ = stop.changed() => {
+                            if let Some(id) = client_id {
+                                let mut other = self.conn.clone();
+                                let _: Result<i64, _> =
+                                    redis::cmd("CLIENT").arg("UNBLOCK").arg(id).query_async(&mut other).await;
+                            }
+                            pop.await
+                        }
+                    }
+                };
                 if *stop.borrow() {
                     if let Ok(Some((key, raw))) = popped {
                         // Popped after we were told to stop: back to the front of its queue.
@@ -606,12 +624,13 @@ impl Transport for RedisTransport {
         let db = self.client.get_connection_info().redis.db;
         let envelope = envelope::broadcast_request(&body, &mailbox.exchange(), timeout);
         let topic = format!("{}/{db}.{}", self.opts.global_keyprefix, mailbox.exchange());
-        let _: i64 = conn.publish(topic, envelope).await?;
+        // PUBLISH answers how many subscribers (every worker's pidbox) received the request.
+        let receivers: usize = conn.publish(topic, envelope).await?;
         // Collect from the reply list until the deadline, on a connection of our own (BRPOP blocks).
         let mut blocking = self.client.get_multiplexed_async_connection().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut replies = Vec::new();
-        loop {
+        while replies.len() < receivers {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs_f64();
             if left <= 0.0 {
                 break;

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
@@ -709,8 +709,14 @@ impl Transport for AmqpTransport {
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
             .with_headers(headers);
-        channel.basic_publish(&mailbox.exchange(), "", Default::default(), &reply_body(&body), props).await?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        // Mandatory and confirmed: the broker hands the request back when no mailbox queue is
+        // bound, so a worker with no neighbours knows at once instead of waiting out `timeout`.
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let mandatory = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirmation =
+            channel.basic_publish(&mailbox.exchange(), "", mandatory, &reply_body(&body), props).await?.await?;
+        let unrouted = confirmation.take_message().is_some();
+        let deadline = tokio::time::Instant::now() + if unrouted { Duration::ZERO } else { timeout };
         let mut replies = Vec::new();
         while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, replies_in.next()).await {
             let ticket_header =
