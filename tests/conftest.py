@@ -4,10 +4,14 @@ Each test gets empty Redis databases (broker and results) and starts celeriac th
 `worker` fixture, which captures its log and makes sure it is stopped afterwards.
 """
 
+import base64
+import json
 import os
 import signal as signals
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -20,18 +24,58 @@ APPS = Path(__file__).resolve().parent / "apps"
 BIN = Path(os.environ.get("CELERIAC_BIN", ROOT / "target" / "debug" / "celeriac"))
 REDIS_HOST = os.environ.get("CELERIAC_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
-BROKER_DB, BACKEND_DB = 10, 11
-# The whole suite runs once per broker: CELERIAC_TEST_BROKER_KIND=redis (default) or amqp.
+# Passes that run side by side give each its own results database (CELERIAC_TEST_BACKEND_DB).
+BROKER_DB = 10
+BACKEND_DB = int(os.environ.get("CELERIAC_TEST_BACKEND_DB", "11"))
+# The suite runs once per transport: CELERIAC_TEST_BROKER_KIND=redis (default), amqp, sqs (moto's
+# server, started for the session) or filesystem (a folder made for the session).
 BROKER_KIND = os.environ.get("CELERIAC_TEST_BROKER_KIND", "redis")
 AMQP_VHOST = "celeriac-test"
+TRANSPORT_OPTIONS = {}
 if BROKER_KIND == "amqp":
     BROKER_URL = f"amqp://guest:guest@127.0.0.1:5672/{AMQP_VHOST}"
+elif BROKER_KIND == "sqs":
+    with socket.socket() as _s:
+        _s.bind(("127.0.0.1", 0))
+        MOTO_PORT = _s.getsockname()[1]
+    MOTO_ENDPOINT = f"http://127.0.0.1:{MOTO_PORT}"
+    BROKER_URL = f"sqs://test:test@127.0.0.1:{MOTO_PORT}"
+    TRANSPORT_OPTIONS = {"region": "us-east-1", "queue_name_prefix": f"s{uuid.uuid4().hex[:8]}-",
+                         "wait_time_seconds": 1, "polling_interval": 0.1, "visibility_timeout": 30}
+elif BROKER_KIND == "filesystem":
+    FOLDER = Path(tempfile.mkdtemp(prefix="celeriac-folder-"))
+    BROKER_URL = "filesystem://"
+    TRANSPORT_OPTIONS = {"data_folder_in": str(FOLDER / "queue"), "data_folder_out": str(FOLDER / "queue"),
+                         "control_folder": str(FOLDER / "control"), "polling_interval": 0.1}
+    for _d in ("queue", "control"):
+        (FOLDER / _d).mkdir()
 else:
     BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
 BACKEND_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}"
 
+# What each transport can do, as stock Celery documents it (kombu's transport comparison):
+# SQS and the folder have no priorities, SQS has no broadcast (remote control, events, revoke),
+# and mingle and gossip run on amqp and redis only (their bootsteps' `compatible_transport`).
+FEATURES = {
+    "amqp": {"priority", "remote_control", "events", "mingle", "gossip"},
+    "redis": {"priority", "remote_control", "events", "mingle", "gossip"},
+    "filesystem": {"remote_control", "events"},
+    "sqs": set(),
+}
+
+# The scenarios every transport runs (Steps 1-3: tasks, semantics, pool, limits, content,
+# backends, bad input, sharing a queue with a stock worker). RabbitMQ and Redis run the whole
+# suite; SQS and the folder run these and their own modules.
+SHARED_SCENARIOS = {
+    "test_tasks.py", "test_semantics.py", "test_content_and_canvas.py", "test_backends.py", "test_bad_input.py",
+    "test_pool.py", "test_signals.py", "test_limits.py", "test_queues_and_scaling.py", "test_shared_broker.py",
+}
+OWN_MODULES = {"filesystem": {"test_filesystem.py"}, "sqs": {"test_sqs.py"}}
+
 os.environ["CELERIAC_TEST_BROKER"] = BROKER_URL
 os.environ["CELERIAC_TEST_BACKEND"] = BACKEND_URL
+if TRANSPORT_OPTIONS:
+    os.environ["TESTAPP_TRANSPORT_OPTIONS"] = json.dumps(TRANSPORT_OPTIONS)
 if str(APPS) not in sys.path:
     sys.path.insert(0, str(APPS))
 
@@ -54,6 +98,10 @@ class RedisBroker:
     def unacked(self):
         """Messages delivered to a worker and not yet acknowledged."""
         return self.redis.hlen("unacked")
+
+    def put_raw(self, queue, envelope):
+        """A message exactly as given (a kombu envelope, or not), as if a producer sent it."""
+        self.redis.lpush(queue, envelope)
 
     def close(self):
         self.redis.close()
@@ -96,6 +144,90 @@ class AmqpBroker:
         pass
 
 
+class FolderBroker:
+    """The folder transport's session folder: `<ms>_<uuid>.<queue>.msg` files."""
+
+    kind = "filesystem"
+
+    def purge(self):
+        # Exchange tables stay: they are idempotent bindings producers remember having made.
+        for path in (FOLDER / "queue").rglob("*.msg"):
+            path.unlink(missing_ok=True)
+
+    def ready(self, queue="celery"):
+        return len(list((FOLDER / "queue").glob(f"*.{queue}.msg")))
+
+    def unacked(self):
+        return len(list((FOLDER / "queue" / ".celeriac-unacked").rglob("*.msg")))
+
+    def put_raw(self, queue, envelope):
+        name = f"{time.monotonic_ns() // 1_000_000}_{uuid.uuid4()}.{queue}.msg"
+        partial = FOLDER / f".{name}"
+        partial.write_text(envelope)
+        partial.rename(FOLDER / "queue" / name)
+
+    def close(self):
+        pass
+
+
+class SqsBroker:
+    """The session's queues on moto's SQS server, through boto3."""
+
+    kind = "sqs"
+
+    def __init__(self):
+        import boto3
+
+        self.client = boto3.client("sqs", endpoint_url=MOTO_ENDPOINT, region_name="us-east-1",
+                                   aws_access_key_id="test", aws_secret_access_key="test")
+
+    def _urls(self):
+        return self.client.list_queues(QueueNamePrefix=TRANSPORT_OPTIONS["queue_name_prefix"]).get("QueueUrls", [])
+
+    def _counts(self, url):
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        attrs = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+        return int(attrs[names[0]]), int(attrs[names[1]])
+
+    def purge(self):
+        # Queues stay: producers cache their URLs.
+        for url in self._urls():
+            self.client.purge_queue(QueueUrl=url)
+
+    def ready(self, queue="celery"):
+        url = [u for u in self._urls() if u.rsplit("/", 1)[1] == TRANSPORT_OPTIONS["queue_name_prefix"] + queue]
+        return self._counts(url[0])[0] if url else 0
+
+    def unacked(self):
+        return sum(self._counts(url)[1] for url in self._urls())
+
+    def put_raw(self, queue, envelope):
+        # kombu's SQS body is the envelope, base64-encoded.
+        url = self.client.get_queue_url(QueueName=TRANSPORT_OPTIONS["queue_name_prefix"] + queue)["QueueUrl"]
+        self.client.send_message(QueueUrl=url, MessageBody=base64.b64encode(envelope.encode()).decode())
+
+    def close(self):
+        self.client.close()
+
+
+def start_moto(port):
+    """moto's SQS server on 127.0.0.1:`port`, once it accepts connections."""
+    # Each test purges the queues: lift real SQS's one purge a minute.
+    env = {**os.environ, "MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto's SQS server did not start")
+            time.sleep(0.1)
+
+
 def _ensure_vhost():
     subprocess.run(["rabbitmqctl", "add_vhost", AMQP_VHOST], capture_output=True, timeout=60)
     subprocess.run(["rabbitmqctl", "set_permissions", "-p", AMQP_VHOST, "guest", ".*", ".*", ".*"],
@@ -134,15 +266,33 @@ def share_one_queue(stock, ours, app, backend, tasks, timeout):
     assert "Task testapp.count_slowly[" in stock.log() and "Task testapp.count_slowly[" in ours.log()
 
 
-def only_on(kind):
+def producer_app(name, backend=None):
+    """A Celery app of a test's own on the suite's broker (URL and transport options)."""
+    from celery import Celery
+
+    app = Celery(name, broker=BROKER_URL, backend=backend or BACKEND_URL)
+    app.conf.broker_transport_options = dict(TRANSPORT_OPTIONS)
+    return app
+
+
+def only_on(*kinds):
     """Mark a test that inspects one broker's own data layout."""
-    return pytest.mark.skipif(BROKER_KIND != kind, reason=f"inspects {kind}'s own layout")
+    return pytest.mark.skipif(BROKER_KIND not in kinds, reason=f"inspects {' or '.join(kinds)}'s own layout")
+
+
+def needs(*features):
+    """Mark a test of a feature some transports lack (see FEATURES)."""
+    missing = sorted(set(features) - FEATURES[BROKER_KIND])
+    return pytest.mark.skipif(bool(missing), reason=f"{BROKER_KIND} has no {', '.join(missing)} (as stock)")
+
+
+BROKERS = {"amqp": AmqpBroker, "redis": RedisBroker, "filesystem": FolderBroker, "sqs": SqsBroker}
 
 
 @pytest.fixture
 def broker():
     """The broker the suite runs on, emptied before the test (and the result backend too)."""
-    b = AmqpBroker() if BROKER_KIND == "amqp" else RedisBroker()
+    b = BROKERS[BROKER_KIND]()
     b.purge()
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BACKEND_DB).flushdb()
     yield b
@@ -245,6 +395,12 @@ def worker(tmp_path, broker):
         w._log.close()
 
 
+def pytest_ignore_collect(collection_path, config):
+    if BROKER_KIND in OWN_MODULES and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return collection_path.name not in SHARED_SCENARIOS | OWN_MODULES[BROKER_KIND]
+    return None
+
+
 def pytest_configure(config):
     if not BIN.exists():
         raise pytest.UsageError(f"celeriac binary not found at {BIN}: run `cargo build` first (scripts/test does)")
@@ -257,6 +413,19 @@ def pytest_configure(config):
             _ensure_vhost()
         except Exception as exc:
             raise pytest.UsageError(f"RabbitMQ is required at 127.0.0.1:5672 (rabbitmqctl): {exc}")
+    if BROKER_KIND == "sqs":
+        config._moto = start_moto(MOTO_PORT)
+
+
+def pytest_unconfigure(config):
+    moto = getattr(config, "_moto", None)
+    if moto is not None:
+        moto.terminate()
+        moto.wait(10)
+    if BROKER_KIND == "filesystem":
+        import shutil
+
+        shutil.rmtree(FOLDER, ignore_errors=True)
 
 
 def pytest_report_header(config):

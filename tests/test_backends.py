@@ -3,9 +3,10 @@ backend (SQLAlchemy on PostgreSQL), where chords have no native join and `celery
 polls, run by celeriac like any task."""
 
 import pytest
-from celery import Celery, chain, chord
+from celery import chain, chord
 
 import testapp
+from conftest import producer_app
 
 DB_BACKEND = "db+postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
@@ -13,7 +14,7 @@ WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
 @pytest.fixture
 def db_app(broker):
-    app = Celery("db_producer", broker=testapp.app.conf.broker_url, backend=DB_BACKEND)
+    app = producer_app("db_producer", backend=DB_BACKEND)
     app.conf.result_chord_retry_interval = 0.2
     yield app
 

@@ -1,8 +1,8 @@
 """The zero-server `filesystem://` transport (issue: Step 6, points 5-6), kombu's folder layout.
 
 A real Celery producer configured with `broker_url='filesystem://'` and kombu's folder options
-writes the messages; celeriac consumes them; results go to Redis. These tests run once, in the
-Redis pass of the suite (they use no broker server at all).
+writes the messages; celeriac consumes them; results go to Redis. These run in the folder pass
+of the suite, which also runs the shared scenarios on the folder transport.
 """
 
 import json
@@ -20,7 +20,7 @@ from celery import Celery, chord
 import testapp
 from conftest import APPS, BACKEND_URL, BROKER_KIND, share_one_queue, wait_started
 
-pytestmark = pytest.mark.skipif(BROKER_KIND != "redis", reason="the folder transport is tested once, in the Redis pass")
+pytestmark = pytest.mark.skipif(BROKER_KIND != "filesystem", reason="the folder's own scenarios run in its pass")
 
 NODE = "fs@testhost"
 
@@ -32,6 +32,11 @@ def fs(tmp_path):
                "control_folder": str(folder / "control"), "polling_interval": 0.1}
     for d in ("queue", "control"):
         (folder / d).mkdir(parents=True)
+    # kombu keeps the folder transport's bindings in one state per process: this test's fresh
+    # folder has none, whatever the suite's other producers declared before.
+    from kombu.transport.filesystem import Transport
+
+    Transport.global_state.clear()
     app = Celery("producer", broker="filesystem://", backend=BACKEND_URL)
     app.conf.broker_transport_options = options
     env = {"CELERIAC_TEST_BROKER": "filesystem://", "TESTAPP_TRANSPORT_OPTIONS": json.dumps(options)}

@@ -11,7 +11,7 @@ import time
 import uuid
 
 import testapp
-from conftest import APPS, wait_started
+from conftest import APPS, needs, wait_started
 
 NODE = "ops@testhost"
 
@@ -38,6 +38,7 @@ def wait_until(check, timeout=15.0, what="condition"):
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
+@needs("remote_control")
 def test_add_and_cancel_consumer(worker, broker):
     # `extra` is one of the app's queues (defined, excluded with -X); `adhoc` is not defined at all.
     env = {"TESTAPP_QUEUES": "celery,extra"}
@@ -71,8 +72,18 @@ def test_add_and_cancel_consumer(worker, broker):
     assert "add consumer extra" in control("add_consumer", "extra")
     assert left.get(timeout=15) == 10
     assert "no longer consuming from adhoc" in control("cancel_consumer", "adhoc")
+    # With every queue cancelled the worker idles, and wakes for the next add_consumer.
+    assert "no longer consuming from extra" in control("cancel_consumer", "extra")
+    assert "no longer consuming from celery" in control("cancel_consumer", "celery")
+    assert queues() == []
+    idle = testapp.add.delay(3, 4)
+    time.sleep(1.5)
+    assert idle.state == "PENDING"
+    assert "add consumer celery" in control("add_consumer", "celery")
+    assert idle.get(timeout=15) == 7
 
 
+@needs("remote_control")
 def test_autoscale_grows_with_load_and_shrinks_after_keepalive(worker):
     w = worker(["-A", "testapp", "worker", "-l", "info", "-n", NODE, "--autoscale", "3,1"],
                env={"AUTOSCALE_KEEPALIVE": "1"})
@@ -99,12 +110,14 @@ def test_autoscale_grows_with_load_and_shrinks_after_keepalive(worker):
     assert refused == [{NODE: {"error": "pool_grow is not supported with autoscale. Adjust autoscale range instead."}}]
 
 
+@needs("remote_control")
 def test_autoscale_command_without_autoscale_is_an_error(worker):
     worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-n", NODE]).wait_ready()
     reply = testapp.app.control.autoscale(4, 1, destination=[NODE], reply=True)
     assert reply == [{NODE: {"error": "ValueError('Autoscale not enabled')"}}]
 
 
+@needs("gossip")
 def test_gossip_follows_other_workers(worker):
     ours = worker(["-A", "testapp", "worker", "-l", "debug", "-c", "1", "-n", NODE], name="ours").wait_ready()
     peer = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-n", "peer@testhost"], name="peer")
@@ -124,6 +137,7 @@ def test_gossip_follows_other_workers(worker):
     assert "missed heartbeat from stock@testhost" not in ours.log()
 
 
+@needs("gossip")
 def test_without_gossip(worker):
     ours = worker(["-A", "testapp", "worker", "-l", "debug", "-c", "1", "-n", NODE, "--without-gossip"],
                   name="ours").wait_ready()

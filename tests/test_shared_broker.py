@@ -11,7 +11,10 @@ import sys
 import time
 import uuid
 
+import pytest
+
 import testapp
+from conftest import BROKER_KIND
 
 TASKS = 2000
 SUCCEEDED = re.compile(r"Task testapp\.count\[([0-9a-f-]{36})\] succeeded in")
@@ -26,6 +29,11 @@ def wait_until(predicate, timeout, interval=0.05):
     return predicate()
 
 
+# kombu's folder transport writes a message file in place and its consumer reads without the
+# lock, so a stock worker that keeps up with the producer crashes on a half-written file
+# (JSONDecodeError in kombu/transport/filesystem.py `_get`); test_filesystem shares a queue with
+# slower tasks instead.
+@pytest.mark.skipif(BROKER_KIND == "filesystem", reason="kombu's folder consumer races its producer")
 def test_stock_worker_and_celeriac_share_a_queue(worker, broker, backend):
     stock = worker(["-A", "testapp", "worker", "-c", "2", "-l", "info", "-n", "stock@%h",
                     "--without-mingle", "--without-gossip"],

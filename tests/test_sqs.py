@@ -2,13 +2,13 @@
 
 A real Celery producer uses kombu's SQS transport (boto3) with the same URL and transport
 options as the worker; results go to Redis. Each test has queues of its own (a fresh
-`queue_name_prefix`). These tests run once, in the Redis pass of the suite.
+`queue_name_prefix`). These run in the SQS pass of the suite, which also runs the shared
+scenarios on SQS (conftest starts moto's server for it).
 """
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,33 +20,18 @@ import pytest
 from celery import Celery, chord
 from kombu import Queue
 
+import conftest
 import testapp
 from conftest import BACKEND_URL, BROKER_KIND, share_one_queue, wait_started
 
-pytestmark = pytest.mark.skipif(BROKER_KIND != "redis", reason="SQS is tested once, in the Redis pass")
+pytestmark = pytest.mark.skipif(BROKER_KIND != "sqs", reason="SQS's own scenarios run in the SQS pass")
 
 NODE = "sqs@testhost"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def moto():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "moto's SQS server did not start"
-            time.sleep(0.1)
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
+    return conftest.MOTO_ENDPOINT
 
 
 @pytest.fixture

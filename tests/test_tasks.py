@@ -8,7 +8,7 @@ import pytest
 from celery import chain, chord, group
 
 import testapp
-from conftest import only_on
+from conftest import needs, only_on, producer_app
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
@@ -94,10 +94,8 @@ def test_canvas_chain_group_chord(worker):
 
 
 def test_protocol_v1_message(worker):
-    from celery import Celery
-
     worker(WORKER).wait_ready()
-    old = Celery("old_producer", broker=testapp.app.conf.broker_url, backend=testapp.app.conf.result_backend)
+    old = producer_app("old_producer")
     old.conf.task_protocol = 1
     r = old.send_task("testapp.add", (20, 22))
     assert r.get(timeout=10) == 42
