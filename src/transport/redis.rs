@@ -25,6 +25,43 @@ const SEP: &str = "\x06\x16";
 const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 const BRPOP_TIMEOUT: f64 = 1.0;
 
+/// Most messages one `TAKE_SCRIPT` call takes (bounded by the free prefetch slots).
+const TAKE_BATCH: usize = 64;
+
+/// Take up to ARGV[1] waiting messages from the queue lists KEYS[3..] (in BRPOP's order) and
+/// record each kombu envelope as unacked (KEYS[1] hash, KEYS[2] index, score ARGV[2]) in the
+/// same atomic step: one round trip for a batch, and no window in which a message popped but not
+/// yet recorded can be lost (kombu's BRPOP-then-HSET has one). Returns key, envelope, recorded
+/// tag ('' when the envelope is not one we can record here) for each message.
+const TAKE_SCRIPT: &str = r"
+local out, want = {}, tonumber(ARGV[1])
+for i = 3, #KEYS do
+    while #out < want * 3 do
+        local raw = redis.call('RPOP', KEYS[i])
+        if not raw then break end
+        local tag = ''
+        local ok, env = pcall(cjson.decode, raw)
+        if ok and type(env) == 'table' and type(env.properties) == 'table' then
+            local p = env.properties
+            local info = p.delivery_info
+            if type(p.delivery_tag) == 'string' and type(info) == 'table'
+                and type(info.routing_key) == 'string' then
+                local exchange = info.exchange
+                if type(exchange) ~= 'string' then exchange = '' end
+                tag = p.delivery_tag
+                redis.call('ZADD', KEYS[2], ARGV[2], tag)
+                redis.call('HSET', KEYS[1], tag,
+                    '[' .. raw .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(info.routing_key) .. ']')
+            end
+        end
+        out[#out + 1] = KEYS[i]
+        out[#out + 1] = raw
+        out[#out + 1] = tag
+    end
+end
+return out
+";
+
 /// Beat's leader lock: renew it if we hold it, else take it if nobody does.
 const BEAT_LEAD: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -102,6 +139,7 @@ pub struct RedisTransport {
     opts: RedisOptions,
     held: Mutex<HashMap<String, Held>>,
     restore: Script,
+    take: Script,
     consuming: std::sync::atomic::AtomicBool,
     connections: std::sync::atomic::AtomicU64,
 }
@@ -174,6 +212,7 @@ impl RedisTransport {
             opts,
             held: Mutex::new(HashMap::new()),
             restore: Script::new(RESTORE_SCRIPT),
+            take: Script::new(TAKE_SCRIPT),
             consuming: Default::default(),
             connections: Default::default(),
         })
@@ -205,6 +244,108 @@ impl RedisTransport {
             .query_async::<()>(conn)
             .await?;
         Ok(())
+    }
+
+    /// Take up to `max` waiting messages from `keys` (full key names, BRPOP's order) and record
+    /// them as unacked in one atomic step (`TAKE_SCRIPT`): (key, envelope, recorded tag).
+    async fn take_waiting(
+        &self,
+        c: &mut MultiplexedConnection,
+        keys: &[String],
+        max: usize,
+    ) -> Result<Vec<(String, String, Option<String>)>, TransportError> {
+        let flat: Vec<String> = self
+            .take
+            .key(self.key(&self.opts.unacked_key))
+            .key(self.key(&self.opts.unacked_index_key))
+            .key(keys)
+            .arg(max)
+            .arg(now_secs())
+            .invoke_async(c)
+            .await?;
+        let mut taken = Vec::with_capacity(flat.len() / 3);
+        let mut parts = flat.into_iter();
+        while let (Some(key), Some(raw), Some(tag)) = (parts.next(), parts.next(), parts.next()) {
+            taken.push((key, raw, Some(tag).filter(|t| !t.is_empty())));
+        }
+        Ok(taken)
+    }
+
+    /// Messages taken after a stop: unrecorded and back at the front of their queues, in order.
+    async fn put_back(&self, c: &mut MultiplexedConnection, taken: Vec<(String, String, Option<String>)>) {
+        for (key, raw, recorded) in taken.into_iter().rev() {
+            if let Some(tag) = recorded {
+                self.unrecord(c, &tag).await;
+            }
+            let _: Result<(), _> = c.rpush(&key, &raw).await;
+        }
+    }
+
+    async fn unrecord(&self, c: &mut MultiplexedConnection, tag: &str) {
+        let _: Result<(), _> = redis::pipe()
+            .atomic()
+            .zrem(self.key(&self.opts.unacked_index_key), tag)
+            .ignore()
+            .hdel(self.key(&self.opts.unacked_key), tag)
+            .ignore()
+            .query_async(c)
+            .await;
+    }
+
+    /// One taken message (`key` as Redis named it, recorded as unacked under `recorded` if the
+    /// take did so) to the consumer: decoded, recorded, remembered as held.
+    async fn hand_over(
+        &self,
+        c: &mut MultiplexedConnection,
+        full_key: &str,
+        raw: String,
+        recorded: Option<String>,
+        names: &mut Vec<String>,
+        deliveries: &mpsc::Sender<Incoming>,
+    ) -> Handed {
+        let key = full_key.strip_prefix(&self.opts.global_keyprefix).unwrap_or(full_key).to_owned();
+        let queue = queue_of_key(&key).to_owned();
+        if !names.contains(&queue) {
+            // `cancel_consumer` came while the take was on its way: not ours any more.
+            if let Some(tag) = &recorded {
+                self.unrecord(c, tag).await;
+            }
+            let _: Result<(), _> = c.rpush(full_key, &raw).await;
+            return Handed::Skipped;
+        }
+        // Round-robin: the queue just served goes to the back (`queue_order_strategy`).
+        if let Some(i) = names.iter().position(|n| *n == queue) {
+            let n = names.remove(i);
+            names.push(n);
+        }
+        let delivery = match decode_envelope(&raw, &queue) {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing can run it: say so loudly, and keep no unacked record of it.
+                error!(
+                    "Discarding a message from queue {queue:?} that is not a kombu envelope ({e}): {}",
+                    raw.chars().take(512).collect::<String>()
+                );
+                if let Some(tag) = &recorded {
+                    self.unrecord(c, tag).await;
+                }
+                return Handed::Skipped;
+            }
+        };
+        if recorded.as_deref() != Some(delivery.tag.as_str()) {
+            if let Err(e) = self.record_unacked(c, &delivery, &raw).await {
+                // The message is in hand but unrecorded: put it back rather than lose it.
+                error!("Could not record delivery {} as unacked ({e}); putting it back", delivery.tag);
+                let _: Result<(), _> = c.rpush(full_key, &raw).await;
+                return Handed::Unrecorded;
+            }
+        }
+        let priority = envelope_priority(&delivery.properties);
+        self.held().insert(delivery.tag.clone(), Held { queue, priority, envelope: raw });
+        if deliveries.send(Incoming::Delivery(Box::new(delivery))).await.is_err() {
+            return Handed::ConsumerGone;
+        }
+        Handed::Delivered
     }
 
     async fn give_back(&self, tag: &str, held: Held, leftmost: bool) -> Result<bool, TransportError> {
@@ -304,6 +445,16 @@ fn parse_stored(stored: &str) -> Option<Held> {
     let _ = exchange;
     let props = envelope.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
     Some(Held { queue: routing_key.to_owned(), priority: envelope_priority(&props), envelope: envelope.to_string() })
+}
+
+/// What became of a message handed to the consumer.
+enum Handed {
+    Delivered,
+    /// Not for this worker (cancelled queue, not an envelope): its slot stays free.
+    Skipped,
+    ConsumerGone,
+    /// Could not be recorded as unacked (the connection failed): put back.
+    Unrecorded,
 }
 
 /// What a fanout subscription hands on.
@@ -456,6 +607,56 @@ impl Transport for RedisTransport {
                 }
                 let Some(c) = conn.as_mut() else { continue };
                 let keys = brpop_keys(&self.opts.global_keyprefix, &names);
+                // Every free prefetch slot, for one batched take of what is already waiting.
+                let mut permits = vec![permit];
+                while permits.len() < TAKE_BATCH {
+                    match window.clone().try_acquire_owned() {
+                        Ok(p) => permits.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let taken = match self.take_waiting(c, &keys, permits.len()).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
+                        self.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+                        conn = None;
+                        continue;
+                    }
+                };
+                if !taken.is_empty() {
+                    if *stop.borrow() {
+                        self.put_back(c, taken).await;
+                        return;
+                    }
+                    self.follow_queue_changes(&mut queues, &mut names).await;
+                    let mut taken = taken.into_iter();
+                    let mut lost = false;
+                    for ((key, raw, recorded), permit) in taken.by_ref().zip(permits) {
+                        match self.hand_over(c, &key, raw, recorded, &mut names, &deliveries).await {
+                            Handed::Delivered => permit.forget(),
+                            Handed::Skipped => {}
+                            Handed::ConsumerGone => {
+                                self.put_back(c, taken.collect()).await;
+                                return;
+                            }
+                            Handed::Unrecorded => {
+                                lost = true;
+                                break;
+                            }
+                        }
+                    }
+                    if lost {
+                        // Best effort: what the take recorded but was not handed over goes back
+                        // (if Redis is gone, the unacked records bring it back later).
+                        self.put_back(c, taken.collect()).await;
+                        conn = None;
+                    }
+                    continue;
+                }
+                // Nothing waiting: block for the next message with one slot.
+                permits.truncate(1);
+                let Some(permit) = permits.pop() else { continue };
                 let mut brpop = redis::cmd("BRPOP");
                 brpop.arg(&keys).arg(BRPOP_TIMEOUT);
                 // Never abandoned half-way: a BRPOP dropped after Redis popped would lose the
@@ -492,42 +693,12 @@ impl Transport for RedisTransport {
                         continue;
                     }
                 };
-                let key = key.strip_prefix(&self.opts.global_keyprefix).unwrap_or(&key).to_owned();
-                let queue = queue_of_key(&key).to_owned();
                 self.follow_queue_changes(&mut queues, &mut names).await;
-                if !names.contains(&queue) {
-                    // `cancel_consumer` came while the BRPOP waited: not ours any more.
-                    let _: Result<(), _> = c.rpush(self.key(&key), &raw).await;
-                    continue;
-                }
-                // Round-robin: the queue just served goes to the back (`queue_order_strategy`).
-                if let Some(i) = names.iter().position(|n| *n == queue) {
-                    let n = names.remove(i);
-                    names.push(n);
-                }
-                let delivery = match decode_envelope(&raw, &queue) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // Nothing can run it and it was never recorded as unacked: say so loudly.
-                        error!(
-                            "Discarding a message from queue {queue:?} that is not a kombu envelope ({e}): {}",
-                            raw.chars().take(512).collect::<String>()
-                        );
-                        continue;
-                    }
-                };
-                if let Err(e) = self.record_unacked(c, &delivery, &raw).await {
-                    // The message is in hand but unrecorded: put it back rather than lose it.
-                    error!("Could not record delivery {} as unacked ({e}); putting it back", delivery.tag);
-                    let _: Result<(), _> = c.rpush(self.key(&key), &raw).await;
-                    conn = None;
-                    continue;
-                }
-                let priority = envelope_priority(&delivery.properties);
-                self.held().insert(delivery.tag.clone(), Held { queue: queue.clone(), priority, envelope: raw });
-                permit.forget();
-                if deliveries.send(Incoming::Delivery(Box::new(delivery))).await.is_err() {
-                    return;
+                match self.hand_over(c, &key, raw, None, &mut names, &deliveries).await {
+                    Handed::Delivered => permit.forget(),
+                    Handed::Skipped => {}
+                    Handed::ConsumerGone => return,
+                    Handed::Unrecorded => conn = None,
                 }
             }
         })
