@@ -164,6 +164,10 @@ pub struct WorkerArgs {
     #[arg(long = "without-heartbeat", env = "CELERIAC_WITHOUT_HEARTBEAT")]
     pub without_heartbeat: bool,
 
+    /// Benchmark ceiling (bench/run.py): take and ack every message at once, run no task.
+    #[arg(long = "bare-consumer", hide = true)]
+    pub bare_consumer: bool,
+
     /// Send task-related events (for Flower and `celery events`).
     #[arg(short = 'E', long = "task-events", visible_alias = "events", env = "CELERIAC_TASK_EVENTS")]
     pub task_events: bool,

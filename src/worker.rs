@@ -447,8 +447,11 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         known_queues: app.known_queues.clone(),
         gossip: gossip_rx,
     };
-    let consumer = Consumer::new(settings, app.tasks, pool, channels);
-    let code = consumer.run(stops).await;
+    let code = if settings.bare_consumer {
+        bare_consume(channels, stops).await
+    } else {
+        Consumer::new(settings, app.tasks, pool, channels).run(stops).await
+    };
     if let Some(b) = beat {
         let _ = b.await;
     }
@@ -475,6 +478,26 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         Err(e) => error!("Could not restore held messages at shutdown: {e}"),
     }
     code
+}
+
+/// The benchmark's ceiling (`--bare-consumer`): every delivery acked as it arrives, through the
+/// worker's own transport, prefetch window and acker, until a stop signal; no task runs.
+async fn bare_consume(channels: Channels, mut stops: mpsc::UnboundedReceiver<signals::Stop>) -> i32 {
+    let Channels { mut deliveries, settle, stop_consuming, .. } = channels;
+    loop {
+        tokio::select! {
+            incoming = deliveries.recv() => match incoming {
+                Some(crate::transport::Incoming::Delivery(d)) => {
+                    let _ = settle.send((crate::transport::Settle::Ack(d.tag), true));
+                }
+                Some(crate::transport::Incoming::ConnectionLost) => {}
+                None => break,
+            },
+            _ = stops.recv() => break,
+        }
+    }
+    let _ = stop_consuming.send(true);
+    0
 }
 
 /// Publish pidbox replies as the consumer produces them, off its loop.

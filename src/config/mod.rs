@@ -153,6 +153,8 @@ pub struct WorkerSettings {
     pub beat: Option<crate::beat::BeatOptions>,
     /// `--shutdown-timeout`: how long a warm shutdown waits for running tasks.
     pub shutdown_timeout: Option<f64>,
+    /// `--bare-consumer` (hidden): the benchmark's ceiling, see `worker::bare_consume`.
+    pub bare_consumer: bool,
 }
 
 /// `--autoscale=max[,min]` (`celery/worker/components.py: Pool.__init__`).
@@ -237,6 +239,7 @@ impl WorkerSettings {
             http_port: worker.http_port,
             http_bind: worker.http_bind.clone(),
             shutdown_timeout: worker.shutdown_timeout.filter(|t| *t >= 0.0),
+            bare_consumer: worker.bare_consumer,
             // Stock's Mingle and Gossip bootsteps run on AMQP and Redis only (`compatible_transports`).
             mingle: !worker.without_mingle && broadcasts_to_workers(&app.broker_url),
             gossip: !worker.without_gossip && broadcasts_to_workers(&app.broker_url),

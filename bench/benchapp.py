@@ -1,0 +1,65 @@
+"""The Celery app the benchmark runs under both workers: the same tasks, the same configuration.
+
+Completions are counted where a worker's own bookkeeping cannot be: a task that must be seen to
+finish does one Redis INCR (or RPUSH of its latency) on the results database at its end, the
+same few microseconds under either worker.
+"""
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+app = Celery("benchapp")
+app.conf.update(
+    broker_url=os.environ["BENCH_BROKER"],
+    result_backend=os.environ["BENCH_BACKEND"],
+    worker_prefetch_multiplier=4,
+    task_acks_late=False,
+)
+
+_client = None
+
+
+def _redis():
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(os.environ["BENCH_BACKEND"])
+    return _client
+
+
+@app.task(ignore_result=True)
+def noop(i):
+    return None
+
+
+@app.task(ignore_result=True)
+def io(seconds):
+    time.sleep(seconds)
+    _redis().incr("bench:done")
+
+
+@app.task(ignore_result=True)
+def cpu(n):
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    _redis().incr("bench:done")
+    return total
+
+
+@app.task
+def result_10k(i):
+    return "x" * 10240
+
+
+@app.task(ignore_result=True)
+def stamp(sent):
+    """Latency from enqueue to completion: `sent` is the producer's time.time()."""
+    _redis().rpush("bench:latency", time.time() - sent)
+
+
+@app.task
+def add(x, y):
+    return x + y
