@@ -54,10 +54,10 @@ def result_10k(i):
     return "x" * 10240
 
 
-@app.task(ignore_result=True)
-def stamp(sent):
-    """Latency from enqueue to completion: `sent` is the producer's time.time()."""
-    _redis().rpush("bench:latency", time.time() - sent)
+@app.task(bind=True, ignore_result=True)
+def stamp(self):
+    """Latency from enqueue to completion: the producer notes when each id was in the broker."""
+    _redis().rpush("bench:latency", f"{self.request.id} {time.time()}")
 
 
 @app.task

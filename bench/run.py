@@ -13,7 +13,8 @@ same pre-filled queue and the same way of seeing completions:
   io         tasks that sleep 10 ms; each does one Redis INCR at its end, counted.
   cpu        pure-Python CPU-bound tasks (~2 ms); counted the same way.
   result     tasks returning 10 KB, stored in the Redis result backend; counted by DBSIZE.
-  latency    200 tasks/s for 10 s into a running worker; each task RPUSHes `now - sent`; p50/p99.
+  latency    200 tasks/s for 10 s into a running worker; from apply_async's return (the message
+             is in the broker) to the task's end (it RPUSHes its id and the time); p50/p99.
   roundtrip  `add.delay(1, 1).get()` in a loop against a running worker; median ms per call.
   startup    one task waiting; from starting the worker (default flags, so mingle runs) until
              its result is stored.
@@ -385,14 +386,18 @@ def latency(broker, ctx, kind):
     rate, seconds = 200, 10
     total = rate * seconds
     t0 = time.monotonic()
+    enqueued = {}
     with ctx.app.app.producer_or_acquire() as producer:
         for i in range(total):
             pause = t0 + i / rate - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-            ctx.app.stamp.apply_async((time.time(),), producer=producer)
+            # Enqueued once apply_async returns: the producer's own serialising is not the worker's.
+            task_id = ctx.app.stamp.apply_async(producer=producer).id
+            enqueued[task_id] = time.time()
     wait_for(lambda: ctx.backend.llen("bench:latency") >= total, w, "all latency tasks done", timeout=120)
-    samples = sorted(float(x) * 1000 for x in ctx.backend.lrange("bench:latency", 0, -1))
+    done = dict(x.decode().split() for x in ctx.backend.lrange("bench:latency", 0, -1))
+    samples = sorted(max(0.0, float(done[i]) - enqueued[i]) * 1000 for i in enqueued if i in done)
     problems = w.stop()
     return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)], "problems": problems}
 
@@ -464,7 +469,8 @@ def verdict(better, ratio, target):
 
 def report(broker_kind, results, bare_rates):
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
-    print(f"\n{broker_kind}: medians of {len(results['stock'].get('drain', [])) or '?'} rounds")
+    rounds = max((len(v) for v in results["stock"].values()), default=0)
+    print(f"\n{broker_kind}: medians of {rounds} round(s)")
     header = f"{'':38} {'stock':>10} {'celeriac':>10} {'ratio':>7}  target"
     print(header)
     print("-" * (len(header) + 16))

@@ -61,6 +61,22 @@ pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError
     })
 }
 
+/// Decode a message just taken from `queue`. One that is not a kombu envelope can run nowhere:
+/// it is logged loudly with the start of its text (`source` says which broker) and `None`
+/// tells the transport to drop it.
+pub fn decode_or_discard(raw: &str, queue: &str, source: &str) -> Option<Delivery> {
+    match decode_envelope(raw, queue) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!(
+                "Discarding a message from {source}queue {queue:?} that is not a kombu envelope ({e}): {}",
+                raw.chars().take(512).collect::<String>()
+            );
+            None
+        }
+    }
+}
+
 /// `Channel._do_restore_message`: mark a stored envelope as redelivered.
 pub fn mark_redelivered(envelope: &str) -> String {
     let Ok(Value::Object(mut env)) = serde_json::from_str::<Value>(envelope) else {

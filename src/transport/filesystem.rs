@@ -611,16 +611,9 @@ impl Transport for FilesystemTransport {
                         }
                     };
                     let queue = parse_message_name(&name).map(|(_, q)| q.to_owned()).unwrap_or_default();
-                    let delivery = match decode_envelope(&raw, &queue) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            error!(
-                                "Discarding a message from queue {queue:?} that is not a kombu envelope ({e}): {}",
-                                raw.chars().take(512).collect::<String>()
-                            );
-                            self.folders.finish(&name);
-                            continue;
-                        }
+                    let Some(delivery) = envelope::decode_or_discard(&raw, &queue, "") else {
+                        self.folders.finish(&name);
+                        continue;
                     };
                     took_any = true;
                     self.held().insert(delivery.tag.clone(), Held { queue, name, envelope: raw });

@@ -281,6 +281,11 @@ impl RedisTransport {
         }
     }
 
+    fn connection_lost(&self, e: &dyn std::fmt::Display) {
+        error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
+        self.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn unrecord(&self, c: &mut MultiplexedConnection, tag: &str) {
         let _: Result<(), _> = redis::pipe()
             .atomic()
@@ -318,19 +323,12 @@ impl RedisTransport {
             let n = names.remove(i);
             names.push(n);
         }
-        let delivery = match decode_envelope(&raw, &queue) {
-            Ok(d) => d,
-            Err(e) => {
-                // Nothing can run it: say so loudly, and keep no unacked record of it.
-                error!(
-                    "Discarding a message from queue {queue:?} that is not a kombu envelope ({e}): {}",
-                    raw.chars().take(512).collect::<String>()
-                );
-                if let Some(tag) = &recorded {
-                    self.unrecord(c, tag).await;
-                }
-                return Handed::Skipped;
+        let Some(delivery) = envelope::decode_or_discard(&raw, &queue, "") else {
+            // Keep no unacked record of what nothing can run.
+            if let Some(tag) = &recorded {
+                self.unrecord(c, tag).await;
             }
+            return Handed::Skipped;
         };
         if recorded.as_deref() != Some(delivery.tag.as_str()) {
             if let Err(e) = self.record_unacked(c, &delivery, &raw).await {
@@ -618,8 +616,7 @@ impl Transport for RedisTransport {
                 let taken = match self.take_waiting(c, &keys, permits.len()).await {
                     Ok(t) => t,
                     Err(e) => {
-                        error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
-                        self.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+                        self.connection_lost(&e);
                         conn = None;
                         continue;
                     }
@@ -687,8 +684,7 @@ impl Transport for RedisTransport {
                     Ok(Some(item)) => item,
                     Ok(None) => continue,
                     Err(e) => {
-                        error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
-                        self.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+                        self.connection_lost(&e);
                         conn = None;
                         continue;
                     }

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use super::envelope::decode_envelope;
+use super::envelope;
 use super::{ControlEvent, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle, Transport, TransportError};
 
 /// ReceiveMessage returns at most ten messages (`SQS_MAX_MESSAGES`).
@@ -465,16 +465,9 @@ impl SqsTransport {
             for m in messages {
                 let Some(handle) = m.receipt_handle() else { continue };
                 let raw = envelope_of(m.body().unwrap_or(""), handle, &q.url, m.message_id().unwrap_or(""));
-                let delivery = match decode_envelope(&raw, &name) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        error!(
-                            "Discarding a message from SQS queue {name:?} that is not a kombu envelope ({e}): {}",
-                            raw.chars().take(512).collect::<String>()
-                        );
-                        let _ = self.delete(&q, &[handle.to_owned()]).await;
-                        continue;
-                    }
+                let Some(delivery) = envelope::decode_or_discard(&raw, &name, "SQS ") else {
+                    let _ = self.delete(&q, &[handle.to_owned()]).await;
+                    continue;
                 };
                 let Some(permit) = permits.pop() else { break };
                 permit.forget();
@@ -673,6 +666,7 @@ impl Transport for SqsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::envelope::decode_envelope;
 
     #[test]
     fn queue_names_as_kombu_maps_them() {
