@@ -27,6 +27,7 @@ celeriac/stock ratios, with the targets of issue Step 7.
 
     .venv/bin/python bench/run.py [--brokers redis,amqp] [--rounds 3] [--tasks 100000]
                                   [--scenarios drain,io,...] [--bin PATH] [--quick]
+    .venv/bin/python bench/run.py --soak 1000000     # celeriac alone: supervisor RSS over 1M tasks
 
 Uses Redis databases 14 (broker) and 15 (results) and the RabbitMQ vhost `celeriac-bench`,
 flushing them; only 127.0.0.1; only processes this script started are signalled.
@@ -185,6 +186,16 @@ class RedisBroker:
             self.templates[key] = self._template(task, args)
         template = self.templates[key]
         self.purge()
+        pipe = self.r.pipeline(transaction=False)
+        for i in range(n):
+            pipe.lpush("celery", template.replace(TASK_ID, str(uuid4())).replace(TAG, str(uuid4())))
+            if i % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+
+    def append(self, task, args, n):
+        """n more messages, without emptying the queue."""
+        template = self.templates[(task, tuple(args))]
         pipe = self.r.pipeline(transaction=False)
         for i in range(n):
             pipe.lpush("celery", template.replace(TASK_ID, str(uuid4())).replace(TAG, str(uuid4())))
@@ -438,6 +449,45 @@ def memory(broker, ctx, kind):
     return {"rss8": rss, "pss8": pss, "problems": problems}
 
 
+def soak(broker, ctx, total):
+    """celeriac alone through `total` no-op tasks, the queue kept topped up; the supervisor's
+    RSS (its own process, not the pool) after each tenth. Flat means no growth per task."""
+    chunk = max(total // 10, 1)
+    broker.fill("noop", (0,), chunk)
+    pushed = chunk
+    w = Worker("celeriac", ctx.binary, broker.url, ctx.logdir)
+    wait_for(lambda: broker.ready() < chunk, w, "first message taken", timeout=120, interval=0.01)
+    t0 = time.monotonic()
+    samples = []
+    while True:
+        w.alive("during the soak")
+        ready = broker.ready()
+        done = pushed - ready - broker.unacked()
+        if len(samples) < done // chunk:
+            rss = rss_of(w.proc.pid)
+            samples.append((done, rss))
+            print(f"  soak {done:>9} tasks  supervisor RSS {rss:6.1f} MiB  {done / (time.monotonic() - t0):7.0f}/s",
+                  flush=True)
+        if done >= total:
+            break
+        if ready < chunk // 2 and pushed < total:
+            broker.append("noop", (0,), min(chunk, total - pushed))
+            pushed += min(chunk, total - pushed)
+        time.sleep(0.2)
+    problems = w.stop()
+    first, last = samples[0][1], samples[-1][1]
+    print(f"soak: {total} tasks; supervisor RSS {first:.1f} MiB after the first tenth, {last:.1f} MiB at the end "
+          f"({last - first:+.1f} MiB); {len(problems)} error lines")
+
+
+def rss_of(pid):
+    """RSS of one process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 # -- report ---------------------------------------------------------------------------------------------
 
 # (scenario, metric, label, better: "high"/"low", target for celeriac/stock or None)
@@ -505,6 +555,8 @@ def main():
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--bin", type=Path, help="celeriac binary (default: target/release/celeriac)")
     ap.add_argument("--quick", action="store_true", help="small sizes, one round: to check the script")
+    ap.add_argument("--soak", type=int, metavar="N",
+                    help="instead: celeriac alone through N no-op tasks on Redis, supervisor RSS over time")
     args = ap.parse_args()
     binary = args.bin or ROOT / "target" / "release" / "celeriac"
     if not binary.exists():
@@ -517,6 +569,10 @@ def main():
         args.rounds = 1
         ctx.tasks, ctx.io_tasks, ctx.cpu_tasks, ctx.result_tasks, ctx.roundtrips = 5000, 200, 300, 500, 50
     ctx.backend = redis_client()
+    if args.soak:
+        ctx.app = benchapp(BROKER_URLS["redis"])
+        soak(RedisBroker(ctx.app), ctx, args.soak)
+        return
     scenarios = [s for s in args.scenarios.split(",") if s]
     funcs = {f.__name__: f for f in (drain, io, cpu, result, latency, roundtrip, startup, memory)}
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, "
