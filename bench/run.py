@@ -27,7 +27,7 @@ celeriac/stock ratios, with the targets of issue Step 7.
 
     .venv/bin/python bench/run.py [--brokers redis,amqp] [--rounds 3] [--tasks 100000]
                                   [--scenarios drain,io,...] [--bin PATH] [--quick]
-    .venv/bin/python bench/run.py --soak 1000000     # celeriac alone: supervisor RSS over 1M tasks
+    .venv/bin/python bench/run.py --soak 1000000 [--brokers redis,amqp]   # supervisor RSS over 1M tasks
 
 Uses Redis databases 14 (broker) and 15 (results) and the RabbitMQ vhost `celeriac-bench`,
 flushing them; only 127.0.0.1; only processes this script started are signalled.
@@ -234,10 +234,17 @@ class AmqpBroker:
         self.channel.queue_purge("celery")
 
     def fill(self, task, args, n):
+        self.purge()
+        self.append(task, args, n)
+        deadline = time.monotonic() + 60
+        while self.ready() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def append(self, task, args, n):
+        """n more messages, without emptying the queue."""
         from kombu import Producer
         from kombu.utils.json import dumps
 
-        self.purge()
         amqp = self.app.app.amqp
         msg = amqp.as_task_v2(str(uuid4()), f"benchapp.{task}", args=args, kwargs={})
         body = dumps(msg.body)
@@ -248,9 +255,6 @@ class AmqpBroker:
             producer.publish(body, routing_key="celery", exchange="", headers=headers,
                              content_type="application/json", content_encoding="utf-8", delivery_mode=2,
                              correlation_id=task_id, reply_to=msg.properties.get("reply_to"))
-        deadline = time.monotonic() + 60
-        while self.ready() < n and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     def ready(self):
         return self.channel.queue_declare("celery", passive=True).message_count
@@ -462,7 +466,9 @@ def soak(broker, ctx, total):
     while True:
         w.alive("during the soak")
         ready = broker.ready()
-        done = pushed - ready - broker.unacked()
+        # Unacked counts are dear on RabbitMQ (rabbitmqctl): while the queue is long, the few
+        # prefetched messages are left out of the count.
+        done = pushed - ready - (broker.unacked() if ready < 100 else 0)
         if len(samples) < done // chunk:
             rss = rss_of(w.proc.pid)
             samples.append((done, rss))
@@ -556,7 +562,7 @@ def main():
     ap.add_argument("--bin", type=Path, help="celeriac binary (default: target/release/celeriac)")
     ap.add_argument("--quick", action="store_true", help="small sizes, one round: to check the script")
     ap.add_argument("--soak", type=int, metavar="N",
-                    help="instead: celeriac alone through N no-op tasks on Redis, supervisor RSS over time")
+                    help="instead: celeriac alone through N no-op tasks on --brokers, supervisor RSS over time")
     args = ap.parse_args()
     binary = args.bin or ROOT / "target" / "release" / "celeriac"
     if not binary.exists():
@@ -570,8 +576,10 @@ def main():
         ctx.tasks, ctx.io_tasks, ctx.cpu_tasks, ctx.result_tasks, ctx.roundtrips = 5000, 200, 300, 500, 50
     ctx.backend = redis_client()
     if args.soak:
-        ctx.app = benchapp(BROKER_URLS["redis"])
-        soak(RedisBroker(ctx.app), ctx, args.soak)
+        for broker_kind in args.brokers.split(","):
+            ctx.app = benchapp(BROKER_URLS[broker_kind])
+            print(f"{broker_kind}:")
+            soak(RedisBroker(ctx.app) if broker_kind == "redis" else AmqpBroker(ctx.app), ctx, args.soak)
         return
     scenarios = [s for s in args.scenarios.split(",") if s]
     funcs = {f.__name__: f for f in (drain, io, cpu, result, latency, roundtrip, startup, memory)}
