@@ -184,14 +184,8 @@ class RedisBroker:
         key = (task, tuple(args))
         if key not in self.templates:
             self.templates[key] = self._template(task, args)
-        template = self.templates[key]
         self.purge()
-        pipe = self.r.pipeline(transaction=False)
-        for i in range(n):
-            pipe.lpush("celery", template.replace(TASK_ID, str(uuid4())).replace(TAG, str(uuid4())))
-            if i % 5000 == 4999:
-                pipe.execute()
-        pipe.execute()
+        self.append(task, args, n)
 
     def append(self, task, args, n):
         """n more messages, without emptying the queue."""
