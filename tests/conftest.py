@@ -27,6 +27,27 @@ REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
 # Passes that run side by side give each its own results database (CELERIAC_TEST_BACKEND_DB).
 BROKER_DB = 10
 BACKEND_DB = int(os.environ.get("CELERIAC_TEST_BACKEND_DB", "11"))
+def sqs_options(prefix):
+    """Transport options for moto's SQS server: queues named `prefix + name`, quick polling."""
+    return {"region": "us-east-1", "queue_name_prefix": prefix, "wait_time_seconds": 1, "polling_interval": 0.1,
+            "visibility_timeout": 30}
+
+
+def sqs_client(endpoint):
+    import boto3
+
+    return boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                        aws_secret_access_key="test")
+
+
+def folder_options(root):
+    """The folder transport under `root` (its `queue` and `control` folders made here)."""
+    for d in ("queue", "control"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": str(root / "queue"), "data_folder_out": str(root / "queue"),
+            "control_folder": str(root / "control"), "polling_interval": 0.1}
+
+
 # The suite runs once per transport: CELERIAC_TEST_BROKER_KIND=redis (default), amqp, sqs (moto's
 # server, started for the session) or filesystem (a folder made for the session).
 BROKER_KIND = os.environ.get("CELERIAC_TEST_BROKER_KIND", "redis")
@@ -40,15 +61,11 @@ elif BROKER_KIND == "sqs":
         MOTO_PORT = _s.getsockname()[1]
     MOTO_ENDPOINT = f"http://127.0.0.1:{MOTO_PORT}"
     BROKER_URL = f"sqs://test:test@127.0.0.1:{MOTO_PORT}"
-    TRANSPORT_OPTIONS = {"region": "us-east-1", "queue_name_prefix": f"s{uuid.uuid4().hex[:8]}-",
-                         "wait_time_seconds": 1, "polling_interval": 0.1, "visibility_timeout": 30}
+    TRANSPORT_OPTIONS = sqs_options(f"s{uuid.uuid4().hex[:8]}-")
 elif BROKER_KIND == "filesystem":
     FOLDER = Path(tempfile.mkdtemp(prefix="celeriac-folder-"))
     BROKER_URL = "filesystem://"
-    TRANSPORT_OPTIONS = {"data_folder_in": str(FOLDER / "queue"), "data_folder_out": str(FOLDER / "queue"),
-                         "control_folder": str(FOLDER / "control"), "polling_interval": 0.1}
-    for _d in ("queue", "control"):
-        (FOLDER / _d).mkdir()
+    TRANSPORT_OPTIONS = folder_options(FOLDER)
 else:
     BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
 BACKEND_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}"
@@ -176,10 +193,7 @@ class SqsBroker:
     kind = "sqs"
 
     def __init__(self):
-        import boto3
-
-        self.client = boto3.client("sqs", endpoint_url=MOTO_ENDPOINT, region_name="us-east-1",
-                                   aws_access_key_id="test", aws_secret_access_key="test")
+        self.client = sqs_client(MOTO_ENDPOINT)
 
     def _urls(self):
         return self.client.list_queues(QueueNamePrefix=TRANSPORT_OPTIONS["queue_name_prefix"]).get("QueueUrls", [])

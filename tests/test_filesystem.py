@@ -18,7 +18,7 @@ import pytest
 from celery import Celery, chord
 
 import testapp
-from conftest import APPS, BACKEND_URL, BROKER_KIND, share_one_queue, wait_started
+from conftest import APPS, BACKEND_URL, BROKER_KIND, folder_options, share_one_queue, wait_started
 
 pytestmark = pytest.mark.skipif(BROKER_KIND != "filesystem", reason="the folder's own scenarios run in its pass")
 
@@ -28,10 +28,7 @@ NODE = "fs@testhost"
 @pytest.fixture
 def fs(tmp_path):
     folder = tmp_path / "broker"
-    options = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-               "control_folder": str(folder / "control"), "polling_interval": 0.1}
-    for d in ("queue", "control"):
-        (folder / d).mkdir(parents=True)
+    options = folder_options(folder)
     # kombu keeps the folder transport's bindings in one state per process: this test's fresh
     # folder has none, whatever the suite's other producers declared before.
     from kombu.transport.filesystem import Transport

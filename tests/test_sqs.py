@@ -15,7 +15,6 @@ import time
 import uuid
 from types import SimpleNamespace
 
-import boto3
 import pytest
 from celery import Celery, chord
 from kombu import Queue
@@ -38,10 +37,8 @@ def moto():
 def sqs(moto):
     prefix = f"t{uuid.uuid4().hex[:8]}-"
     url = f"sqs://test:test@{moto.split('//')[1]}"
-    options = {"region": "us-east-1", "queue_name_prefix": prefix, "wait_time_seconds": 1, "polling_interval": 0.1,
-               "visibility_timeout": 30}
-    client = boto3.client("sqs", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="test",
-                          aws_secret_access_key="test")
+    options = conftest.sqs_options(prefix)
+    client = conftest.sqs_client(moto)
     made = []
 
     def producer(**more):

@@ -271,7 +271,8 @@ impl RedisTransport {
         Ok(taken)
     }
 
-    /// Messages taken after a stop: unrecorded and back at the front of their queues, in order.
+    /// Taken messages that will not be handed over (a stop, a cancelled queue): unrecorded and
+    /// back at the front of their queues, in order.
     async fn put_back(&self, c: &mut MultiplexedConnection, taken: Vec<(String, String, Option<String>)>) {
         for (key, raw, recorded) in taken.into_iter().rev() {
             if let Some(tag) = recorded {
@@ -312,10 +313,7 @@ impl RedisTransport {
         let queue = queue_of_key(&key).to_owned();
         if !names.contains(&queue) {
             // `cancel_consumer` came while the take was on its way: not ours any more.
-            if let Some(tag) = &recorded {
-                self.unrecord(c, tag).await;
-            }
-            let _: Result<(), _> = c.rpush(full_key, &raw).await;
+            self.put_back(c, vec![(full_key.to_owned(), raw, recorded)]).await;
             return Handed::Skipped;
         }
         // Round-robin: the queue just served goes to the back (`queue_order_strategy`).
