@@ -240,7 +240,10 @@ class AmqpBroker:
         from kombu.utils.json import dumps
 
         amqp = self.app.app.amqp
-        msg = amqp.as_task_v2(str(uuid4()), f"benchapp.{task}", args=args, kwargs={})
+        # The headers apply_async would send: a task's own ignore_result goes in the message
+        # (a header of False would make the worker store every no-op's result).
+        msg = amqp.as_task_v2(str(uuid4()), f"benchapp.{task}", args=args, kwargs={},
+                              ignore_result=getattr(self.app, task).ignore_result)
         body = dumps(msg.body)
         producer = Producer(self.channel)
         for _ in range(n):
