@@ -37,6 +37,17 @@ INVALID_TASK_ERROR = "Received invalid task message: %s\nThe message has been ig
 CELERY_5_7 = tuple(celery.VERSION[:2]) >= (5, 7)
 
 
+_SUCCEEDED_KEYS = {"outcome", "runtime", "result", "exiting"}
+
+
+def _loads_meta(raw):
+    """kombu's json.loads, whose object_hook only acts on ``__type__`` markers (datetimes, ...
+    in headers): without one, the C decoder alone gives the same objects in a third the time."""
+    if b'"__type__"' in raw:
+        return json_loads(raw)
+    return json.loads(raw)
+
+
 class _MessageShim:
     """What ``hybrid_to_proto2`` reads of a kombu Message."""
 
@@ -83,10 +94,19 @@ class Child:
     def send(self, kind, obj):
         self.sock.sendall(frames.pack(kind, json.dumps(obj).encode()))
 
+    def send_report(self, report):
+        if report.get("outcome") == "success" and report.keys() <= _SUCCEEDED_KEYS:
+            runtime = report.get("runtime") or 0.0
+            self.sock.sendall(frames.pack_succeeded(runtime, report["exiting"], report.get("result") or ""))
+        else:
+            self.send(frames.DONE, report)
+
     def serve(self):
         self.send(frames.READY, {"pid": os.getpid()})
+        # Buffered: a frame's header and payload (and any frame queued behind it) in one read.
+        reader = self.sock.makefile("rb", buffering=1 << 16)
         while True:
-            frame = frames.read_frame(self.sock)
+            frame = frames.read_frame_buffered(reader)
             if frame is None:
                 return 0
             kind, payload = frame
@@ -100,13 +120,13 @@ class Child:
                 continue
             retire = kind == frames.TASK and self.should_retire()
             report["exiting"] = retire
-            self.send(frames.DONE, report)
+            self.send_report(report)
             if retire:
                 return 0
 
     def run_task(self, payload):
         meta_raw, body = frames.split_task_payload(payload)
-        meta = json_loads(meta_raw)
+        meta = _loads_meta(meta_raw)
         name, task_id = meta["name"], meta["id"]
         request = meta["headers"]
         content_type, content_encoding = meta["content_type"], meta["content_encoding"]

@@ -24,6 +24,7 @@ MARK_FAILURE = 11  # payload: json, an outcome no task run produced (unregistere
 # child -> supervisor
 READY = 20  # payload: json {"pid": p}
 DONE = 21  # payload: json {"outcome": ..., "runtime": s, "requeue": bool}
+SUCCEEDED = 22  # DONE for the common case, no JSON: f64 runtime | u8 exiting | utf-8 result repr
 # supervisor -> beat process (a child forked with FORK {"role": "beat", ...})
 BEAT_LEAD = 30  # payload: json, the schedule state the last leader shared ({} if none): send due tasks
 BEAT_FOLLOW = 31  # empty: another replica leads now; stop sending
@@ -32,10 +33,28 @@ BEAT_STATE = 32  # payload: json {entry: {"last_run_at": iso, "total_run_count":
 
 _HEADER = struct.Struct(">IB")
 _U32 = struct.Struct(">I")
+_SUCCEEDED = struct.Struct(">IBdB")  # frame header, then runtime and exiting
 
 
 def pack(kind, payload=b""):
     return _HEADER.pack(len(payload) + 1, kind) + payload
+
+
+def pack_succeeded(runtime, exiting, result):
+    result = result.encode("utf-8", "replace")
+    return _SUCCEEDED.pack(len(result) + 10, SUCCEEDED, runtime, exiting) + result
+
+
+def read_frame_buffered(reader):
+    """read_frame from a buffered reader (``sock.makefile("rb")``): one syscall for many frames."""
+    head = reader.read(5)
+    if len(head) < 5:
+        return None
+    length, kind = _HEADER.unpack(head)
+    payload = reader.read(length - 1) if length > 1 else b""
+    if len(payload) < length - 1:
+        return None
+    return kind, payload
 
 
 def read_exact(sock, n):

@@ -25,6 +25,7 @@ pub enum Kind {
     MarkFailure = 11,
     Ready = 20,
     Done = 21,
+    Succeeded = 22,
     BeatLead = 30,
     BeatFollow = 31,
     BeatState = 32,
@@ -47,6 +48,7 @@ impl Kind {
             11 => Kind::MarkFailure,
             20 => Kind::Ready,
             21 => Kind::Done,
+            22 => Kind::Succeeded,
             30 => Kind::BeatLead,
             31 => Kind::BeatFollow,
             32 => Kind::BeatState,
@@ -103,11 +105,11 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Kind, Vec<u
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
-    let kind = Kind::from_byte(buf[0]).ok_or(FrameError::UnknownKind(buf[0]))?;
-    buf.remove(0);
-    Ok(Some((kind, buf)))
+    let kind_byte = r.read_u8().await?;
+    let kind = Kind::from_byte(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
+    let mut payload = vec![0u8; len - 1];
+    r.read_exact(&mut payload).await?;
+    Ok(Some((kind, payload)))
 }
 
 #[cfg(test)]

@@ -40,6 +40,23 @@ pub struct DoneReport {
     pub exiting: bool,
 }
 
+impl DoneReport {
+    /// A `Succeeded` frame: `f64 runtime | u8 exiting | utf-8 result repr`, the common outcome
+    /// without JSON on either side.
+    fn succeeded(payload: &[u8]) -> Option<DoneReport> {
+        let runtime = f64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+        let exiting = *payload.get(8)? != 0;
+        let result = String::from_utf8_lossy(payload.get(9..)?).into_owned();
+        Some(DoneReport {
+            outcome: "success".into(),
+            runtime: Some(runtime),
+            result: Some(result),
+            exiting,
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(Debug)]
 pub enum PoolEvent {
     /// A new child finished its initialisation and waits for work.
@@ -106,7 +123,9 @@ impl Pool {
         drop(theirs);
         ours.set_nonblocking(true).map_err(PoolError::Socket)?;
         let stream = UnixStream::from_std(ours).map_err(PoolError::Socket)?;
-        let (mut reader, writer) = stream.into_split();
+        let (reader, writer) = stream.into_split();
+        // Buffered: a frame's header and payload, and frames queued behind it, in one read.
+        let mut reader = tokio::io::BufReader::new(reader);
         let events = self.events.clone();
         tokio::spawn(async move {
             loop {
@@ -130,6 +149,13 @@ impl Pool {
                                 let _ = events.send(PoolEvent::Done { index, report });
                             }
                         }
+                    }
+                    Ok(Some((Kind::Succeeded, payload))) => {
+                        let report = DoneReport::succeeded(&payload).unwrap_or_else(|| {
+                            error!("ForkPoolWorker-{index} sent a short success report");
+                            DoneReport { outcome: "success".into(), ..Default::default() }
+                        });
+                        let _ = events.send(PoolEvent::Done { index, report });
                     }
                     Ok(Some((kind, _))) => {
                         error!("ForkPoolWorker-{index} sent an unexpected {kind:?} frame")
@@ -255,5 +281,24 @@ impl Pool {
 
     pub fn zygote(&mut self) -> &mut Zygote {
         &mut self.zygote
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn succeeded_frame_decodes() {
+        // As python/celeriac/frames.py's pack_succeeded writes it (after the frame header).
+        let mut payload = 0.25f64.to_be_bytes().to_vec();
+        payload.push(1);
+        payload.extend_from_slice("'é'".as_bytes());
+        let report = DoneReport::succeeded(&payload).unwrap();
+        assert_eq!(report.outcome, "success");
+        assert_eq!(report.runtime, Some(0.25));
+        assert!(report.exiting);
+        assert_eq!(report.result.as_deref(), Some("'é'"));
+        assert!(DoneReport::succeeded(&payload[..8]).is_none());
     }
 }
