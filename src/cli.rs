@@ -164,6 +164,11 @@ pub struct WorkerArgs {
     #[arg(long = "without-heartbeat", env = "CELERIAC_WITHOUT_HEARTBEAT")]
     pub without_heartbeat: bool,
 
+    /// Write the next task to a busy child behind its running one when that task's runs take
+    /// less than this many milliseconds (0: never, as stock's `-O fair`). See docs/pipelining.md.
+    #[arg(long = "pipeline-max-ms", env = "CELERIAC_PIPELINE_MAX_MS", default_value_t = 5.0)]
+    pub pipeline_max_ms: f64,
+
     /// Benchmark ceiling (bench/run.py): take and ack every message at once, run no task.
     #[arg(long = "bare-consumer", hide = true)]
     pub bare_consumer: bool,

@@ -289,6 +289,32 @@ def producer_app(name, backend=None):
     return app
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path):
+    """(status, text) of a GET on 127.0.0.1:port (the worker's --http-port endpoint)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(port, name):
+    """One unlabelled value of the worker's /metrics."""
+    for line in http_get(port, "/metrics")[1].splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def only_on(*kinds):
     """Mark a test that inspects one broker's own data layout."""
     return pytest.mark.skipif(BROKER_KIND not in kinds, reason=f"inspects {' or '.join(kinds)}'s own layout")

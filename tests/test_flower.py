@@ -3,7 +3,6 @@ with their states and runtimes, and Flower's inspect calls get answers."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,9 @@ import urllib.request
 import pytest
 
 import testapp
-from conftest import APPS
+from conftest import APPS, free_port
 
 NODE = "flowered@testhost"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(port, path):

@@ -1,25 +1,10 @@
 """The built-in HTTP endpoint (issue: Step 4, point 5): /healthz, /readyz, /metrics."""
 
-import socket
 import time
-import urllib.error
-import urllib.request
 
 import testapp
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(port, path):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+from conftest import free_port
+from conftest import http_get as get
 
 
 def test_health_readiness_and_metrics(worker):

@@ -155,6 +155,8 @@ pub struct WorkerSettings {
     pub shutdown_timeout: Option<f64>,
     /// `--bare-consumer` (hidden): the benchmark's ceiling, see `worker::bare_consume`.
     pub bare_consumer: bool,
+    /// `--pipeline-max-ms`, in seconds (`consumer::pipeline`); `None`: never pipeline.
+    pub pipeline_max_runtime: Option<f64>,
 }
 
 /// `--autoscale=max[,min]` (`celery/worker/components.py: Pool.__init__`).
@@ -240,6 +242,7 @@ impl WorkerSettings {
             http_bind: worker.http_bind.clone(),
             shutdown_timeout: worker.shutdown_timeout.filter(|t| *t >= 0.0),
             bare_consumer: worker.bare_consumer,
+            pipeline_max_runtime: Some(worker.pipeline_max_ms / 1000.0).filter(|s| *s > 0.0),
             // Stock's Mingle and Gossip bootsteps run on AMQP and Redis only (`compatible_transports`).
             mingle: !worker.without_mingle && broadcasts_to_workers(&app.broker_url),
             gossip: !worker.without_gossip && broadcasts_to_workers(&app.broker_url),

@@ -5,6 +5,7 @@
 pub mod acker;
 mod autoscale;
 pub mod eta;
+mod pipeline;
 mod rate_limit;
 mod remote_control;
 mod request;
@@ -31,6 +32,7 @@ use crate::transport::{ControlEvent, Delivery, Incoming, PeerEvent, QueueSpec, S
 use acker::SettleOp;
 use autoscale::Autoscaler;
 use eta::EtaQueue;
+use pipeline::Pipeline;
 pub use rate_limit::parse_rate;
 use rate_limit::RateLimits;
 pub use request::{Job, Request};
@@ -70,6 +72,9 @@ pub struct Consumer {
     rate_limits: RateLimits<Request>,
     /// The job each busy child is running.
     active: HashMap<usize, Job>,
+    /// Requests written to a busy child behind its running job, not started yet (`pipeline`).
+    queued: HashMap<usize, Box<Request>>,
+    pipeline: Pipeline,
     /// Jobs of children whose socket closed, waiting for the zygote's exit report.
     lost: HashMap<i32, (usize, Job)>,
     /// Exit reports that arrived before the child's socket closed.
@@ -150,6 +155,7 @@ impl Consumer {
         let concurrency = settings.concurrency;
         let autoscaler = settings.autoscale.map(|range| Autoscaler::new(range, tokio::time::Instant::now()));
         let peers = Peers::new(&settings.hostname);
+        let pipeline = Pipeline::new(settings.pipeline_max_runtime);
         Consumer {
             settings,
             tasks,
@@ -164,6 +170,8 @@ impl Consumer {
             eta: EtaQueue::default(),
             rate_limits: RateLimits::default(),
             active: HashMap::new(),
+            queued: HashMap::new(),
+            pipeline,
             lost: HashMap::new(),
             exits: HashMap::new(),
             control: ch.control,
@@ -294,17 +302,19 @@ impl Consumer {
             return self.settle(Settle::Reject(delivery.tag), true);
         }
         info!(task_id = %message.id, task = %message.name, state = "RECEIVED", "Task {}[{}] received", message.display_name(), message.id);
-        let fields = json!({
-            "uuid": message.id, "name": message.display_name(), "args": message.argsrepr, "kwargs": message.kwargsrepr,
-            "root_id": message.root_id, "parent_id": message.parent_id, "retries": message.retries,
-            "eta": message.eta.map(|t| t.to_rfc3339()), "expires": message.expires.map(|t| t.to_rfc3339()),
-        });
         self.metrics.task(&message.name, "received");
         let request = Request::new(delivery, message, options);
         if let Some(why) = self.revoked_reason(&request) {
             return self.discard_revoked(request, why);
         }
-        self.events.task(&mut self.clock, "task-received", fields);
+        let message = &request.message;
+        self.events.task(&mut self.clock, "task-received", || {
+            json!({
+                "uuid": message.id, "name": message.display_name(), "args": message.argsrepr, "kwargs": message.kwargsrepr,
+                "root_id": message.root_id, "parent_id": message.parent_id, "retries": message.retries,
+                "eta": message.eta.map(|t| t.to_rfc3339()), "expires": message.expires.map(|t| t.to_rfc3339()),
+            })
+        });
         if self.task_received_receivers {
             // `task_received` runs before the request is scheduled, as in the stock strategy.
             let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
@@ -489,7 +499,7 @@ impl Consumer {
             "reply_to": delivery.properties.get("reply_to"),
         });
         let fields = json!({"uuid": message.id, "exception": format!("NotRegistered('{}')", message.name)});
-        self.events.task(&mut self.clock, "task-failed", fields);
+        self.events.task(&mut self.clock, "task-failed", || fields);
         self.settle(Settle::Reject(delivery.tag), true);
         self.ready.push_back(Job::Record(record));
     }
@@ -500,7 +510,7 @@ impl Consumer {
         info!("Discarding revoked task: {}[{}]", request.message.display_name(), request.message.id);
         let fields =
             json!({"uuid": request.message.id, "terminated": false, "signum": null, "expired": why == "expired"});
-        self.events.task(&mut self.clock, "task-revoked", fields);
+        self.events.task(&mut self.clock, "task-revoked", || fields);
         self.metrics.task(&request.message.name, "revoked");
         let record = json!({
             "reason": "revoked",
@@ -517,7 +527,9 @@ impl Consumer {
         let m = &self.metrics;
         Metrics::set(
             &m.prefetched,
-            self.ready.iter().filter(|j| j.task().is_some()).count() + self.rate_limits.iter().count(),
+            self.ready.iter().filter(|j| j.task().is_some()).count()
+                + self.queued.len()
+                + self.rate_limits.iter().count(),
         );
         Metrics::set(&m.eta_waiting, self.eta.iter().count());
         Metrics::set(&m.active, self.active.len());
@@ -554,6 +566,7 @@ impl Consumer {
             .values()
             .chain(self.ready.iter())
             .filter_map(Job::task)
+            .chain(self.queued.values().map(|r| &**r))
             .chain(self.rate_limits.iter())
             .chain(self.eta.iter().map(|(_, r)| r))
     }
@@ -591,6 +604,7 @@ impl Consumer {
     /// Requests received and not finished, ETA ones excepted (`state.reserved_requests`).
     fn reserved_count(&self) -> usize {
         self.active.values().chain(self.ready.iter()).filter(|j| j.task().is_some()).count()
+            + self.queued.len()
             + self.rate_limits.iter().count()
     }
 
@@ -633,8 +647,14 @@ impl Consumer {
         }
     }
 
-    /// Hand waiting jobs to idle children, oldest first.
+    /// Hand waiting jobs to idle children, oldest first; then queue requests behind busy
+    /// children's short tasks.
     async fn dispatch(&mut self) {
+        self.dispatch_to_idle().await;
+        self.queue_behind_running().await;
+    }
+
+    async fn dispatch_to_idle(&mut self) {
         while !self.ready.is_empty() {
             let Some(index) = self.pool.take_idle() else {
                 return;
@@ -668,19 +688,75 @@ impl Consumer {
                 self.ready.push_front(job);
                 continue;
             }
-            if let Job::Task(request) = &mut job {
-                request.start_clocks(self.settings.time_limit, self.settings.soft_time_limit);
-                *self.totals.entry(request.message.name.clone()).or_default() += 1;
-                self.events.task(&mut self.clock, "task-started", json!({"uuid": request.message.id}));
-                self.metrics.task(&request.message.name, "started");
-                self.metrics.queue_wait(&request.message.name, request.ready_since.elapsed().as_secs_f64());
-                // Early ack: the child is idle, so it starts the task now (`Request.on_accepted`).
-                if !request.options.acks_late {
-                    self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
-                }
-            }
-            self.active.insert(index, job);
+            self.on_job_started(index, job);
         }
+    }
+
+    /// Write the oldest ready request to each busy child whose running task is short
+    /// (`pipeline`); it starts when that task is done.
+    async fn queue_behind_running(&mut self) {
+        if self.stopping.is_some() || !matches!(self.ready.front(), Some(Job::Task(_))) {
+            return;
+        }
+        let now = Utc::now().timestamp_micros() as f64 / 1e6;
+        let behind: Vec<usize> = self
+            .active
+            .iter()
+            .filter(|(index, job)| {
+                !self.queued.contains_key(index) && job.task().is_some_and(|r| self.pipeline.may_queue_behind(r, now))
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        for index in behind {
+            let Some(Job::Task(request)) = self.ready.pop_front() else { return };
+            if let Some(why) = self.revoked_reason(&request) {
+                self.discard_revoked(*request, why);
+                continue;
+            }
+            let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
+            let bytes = frame::encode_task(&meta, &request.delivery.body);
+            if bytes.len() > pipeline::MAX_QUEUED_FRAME {
+                self.ready.push_front(Job::Task(request));
+                return;
+            }
+            if let Err(e) = self.pool.send(index, &bytes).await {
+                warn!("{e}; keeping the request for another child");
+                self.ready.push_front(Job::Task(request));
+                continue;
+            }
+            self.queued.insert(index, request);
+            self.metrics.pipelined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !matches!(self.ready.front(), Some(Job::Task(_))) {
+                return;
+            }
+        }
+    }
+
+    /// A child started `job`: given to it idle, or queued behind the job it just finished.
+    fn on_job_started(&mut self, index: usize, mut job: Job) {
+        if let Job::Task(request) = &mut job {
+            request.delivery.body = Vec::new(); // the child has it now
+            request.start_clocks(self.settings.time_limit, self.settings.soft_time_limit);
+            *self.totals.entry(request.message.name.clone()).or_default() += 1;
+            self.events.task(&mut self.clock, "task-started", || json!({"uuid": request.message.id}));
+            self.metrics.task(&request.message.name, "started");
+            self.metrics.queue_wait(&request.message.name, request.ready_since.elapsed().as_secs_f64());
+            // Early ack: the child starts the task now (`Request.on_accepted`).
+            if !request.options.acks_late {
+                self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
+            }
+            // `revoke(terminate=True)` that came while it was queued.
+            if let Some(signal) = request.terminated.and_then(|sig| nix::sys::signal::Signal::try_from(sig).ok()) {
+                self.pool.signal(index, signal);
+            } else if self.revoked.contains(&request.message.id) {
+                warn!(
+                    "Task {}[{}] was revoked after it was queued to its child: it runs",
+                    request.message.display_name(),
+                    request.message.id
+                );
+            }
+        }
+        self.active.insert(index, job);
     }
 
     async fn on_pool_event(&mut self, event: PoolEvent) -> Result<(), i32> {
@@ -692,16 +768,27 @@ impl Consumer {
                 self.maybe_announce_ready();
             }
             PoolEvent::Done { index, report } => {
-                self.pool.on_done(index, report.exiting);
+                let next = self.queued.remove(&index);
+                self.pool.on_done(index, report.exiting, next.is_some());
                 match self.active.remove(&index) {
                     Some(Job::Task(request)) => self.on_task_done(*request, &report),
                     Some(Job::Record(_)) => {}
                     None => warn!("ForkPoolWorker-{index} reported a job it was not given"),
                 }
+                match next {
+                    // A leaving child never reads what was queued behind its last job.
+                    Some(request) if report.exiting => self.ready.push_front(Job::Task(request)),
+                    Some(request) => self.on_job_started(index, Job::Task(request)),
+                    None => {}
+                }
             }
             PoolEvent::Gone { index } => {
                 let pid = self.pool.on_gone(index);
                 let job = self.active.remove(&index);
+                if let Some(request) = self.queued.remove(&index) {
+                    // Its running job never reported done, so the child never started this one.
+                    self.ready.push_front(Job::Task(request));
+                }
                 match (pid, job) {
                     (Some(pid), Some(job)) => match self.exits.remove(&pid) {
                         Some(status) => self.on_job_lost(index, pid, job, &status),
@@ -769,27 +856,24 @@ impl Consumer {
         }
         self.processed += 1;
         let uuid = &request.message.id;
-        let event = match report.outcome.as_str() {
-            "success" => {
-                Some(("task-succeeded", json!({"uuid": uuid, "result": report.result, "runtime": report.runtime})))
-            }
-            "failure" => Some((
-                "task-failed",
-                json!({"uuid": uuid, "exception": report.exception, "traceback": report.traceback}),
-            )),
-            "retry" => Some((
-                "task-retried",
-                json!({"uuid": uuid, "exception": report.exception, "traceback": report.traceback}),
-            )),
-            "rejected" => Some(("task-rejected", json!({"uuid": uuid, "requeue": report.requeue}))),
+        let kind = match report.outcome.as_str() {
+            "success" => Some("task-succeeded"),
+            "failure" => Some("task-failed"),
+            "retry" => Some("task-retried"),
+            "rejected" => Some("task-rejected"),
             _ => None,
         };
-        if let Some((kind, fields)) = event {
-            self.events.task(&mut self.clock, kind, fields);
+        if let Some(kind) = kind {
+            self.events.task(&mut self.clock, kind, || match kind {
+                "task-succeeded" => json!({"uuid": uuid, "result": report.result, "runtime": report.runtime}),
+                "task-rejected" => json!({"uuid": uuid, "requeue": report.requeue}),
+                _ => json!({"uuid": uuid, "exception": report.exception, "traceback": report.traceback}),
+            });
             self.metrics.task(&request.message.name, kind.trim_start_matches("task-"));
         }
         if let Some(runtime) = report.runtime {
             self.metrics.runtime(&request.message.name, runtime);
+            self.pipeline.observe(&request.message.name, runtime);
         }
         let frees = !request.eta_bumped;
         let tag = request.delivery.tag.clone();
@@ -816,7 +900,7 @@ impl Consumer {
             Job::Task(request) if request.terminated.is_some() => {
                 // revoke(terminate=True): REVOKED 'terminated', acked (`Request._announce_revoked`).
                 let fields = json!({"uuid": request.message.id, "terminated": true, "signum": request.terminated, "expired": false});
-                self.events.task(&mut self.clock, "task-revoked", fields);
+                self.events.task(&mut self.clock, "task-revoked", || fields);
                 if request.options.acks_late {
                     self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
                 }
@@ -840,7 +924,7 @@ impl Consumer {
                     request.message.id
                 );
                 let fields = json!({"uuid": request.message.id, "exception": format!("WorkerLostError('{detail}')"), "traceback": null});
-                self.events.task(&mut self.clock, "task-failed", fields);
+                self.events.task(&mut self.clock, "task-failed", || fields);
                 let tag = request.delivery.tag.clone();
                 let frees = !request.eta_bumped;
                 let opts = &request.options;
@@ -901,7 +985,7 @@ impl Consumer {
                 error!("Hard time limit ({hard}s) exceeded for {}[{}]", r.message.display_name(), r.message.id);
                 let fields =
                     json!({"uuid": r.message.id, "exception": format!("TimeLimitExceeded({hard})"), "traceback": null});
-                self.events.task(&mut self.clock, "task-failed", fields);
+                self.events.task(&mut self.clock, "task-failed", || fields);
                 r.timed_out = true;
                 self.pool.signal(*index, nix::sys::signal::Signal::SIGKILL);
                 if r.options.acks_late {
@@ -990,6 +1074,14 @@ impl Consumer {
         }
     }
 
+    /// Children about to be killed: what was queued behind their running jobs goes back
+    /// (never acked; one a child may just have started runs at least once, never lost).
+    fn give_back_queued(&mut self) {
+        for (_, r) in std::mem::take(&mut self.queued) {
+            self.settle(Settle::Restore(r.delivery.tag.clone()), !r.eta_bumped);
+        }
+    }
+
     /// `--shutdown-timeout` ran out with tasks still running: `acks_late` ones go back to the
     /// front of their queue, the others (already acked) are marked failed with
     /// `WorkerLostError`, and the worker exits with the warm shutdown's code.
@@ -999,6 +1091,7 @@ impl Consumer {
             _ => 0,
         };
         let mut records = Vec::new();
+        self.give_back_queued();
         for (_, job) in self.active.drain() {
             let Job::Task(r) = job else { continue };
             warn!("Shutdown timeout: stopping {}[{}] before it finished", r.message.display_name(), r.message.id);
@@ -1048,6 +1141,7 @@ impl Consumer {
                     }
                 }
             }
+            self.give_back_queued();
             self.give_back_unstarted();
             self.pool.kill_all();
         } else {

@@ -187,7 +187,14 @@ impl Consumer {
             self.revoked.add(id);
         }
         // Ids not running here get REVOKED stored now (unless another worker owns the result).
-        let running: Vec<&str> = self.active.values().filter_map(|j| j.task()).map(|r| r.message.id.as_str()).collect();
+        // One queued behind a running task runs too: it is in its child's hands.
+        let running: Vec<&str> = self
+            .active
+            .values()
+            .filter_map(|j| j.task())
+            .chain(self.queued.values().map(|r| &**r))
+            .map(|r| r.message.id.as_str())
+            .collect();
         let elsewhere: Map<String, Value> = ids
             .iter()
             .filter(|id| !running.contains(&id.as_str()))
@@ -203,6 +210,7 @@ impl Consumer {
             return nok(format!("unknown signal {:?}", args.get("signal")));
         };
         let mut terminated = Vec::new();
+        let mut names_queued = Vec::new();
         for (index, job) in self.active.iter_mut() {
             if let Job::Task(r) = job {
                 if ids.contains(&r.message.id) && r.terminated.is_none() {
@@ -212,7 +220,15 @@ impl Consumer {
                 }
             }
         }
-        if terminated.is_empty() {
+        for r in self.queued.values_mut() {
+            if ids.contains(&r.message.id) && r.terminated.is_none() {
+                // Signalled when it starts (`Consumer::on_job_started`).
+                info!("Terminating {} ({sig}) when it starts", r.message.id);
+                r.terminated = Some(sig);
+                names_queued.push(r.message.id.clone());
+            }
+        }
+        if terminated.is_empty() && names_queued.is_empty() {
             return ok("terminate: tasks unknown");
         }
         for (index, _) in &terminated {
@@ -220,7 +236,7 @@ impl Consumer {
                 self.pool.signal(*index, signal);
             }
         }
-        let names: Vec<String> = terminated.into_iter().map(|(_, id)| id).collect();
+        let names: Vec<String> = terminated.into_iter().map(|(_, id)| id).chain(names_queued).collect();
         ok(format!("terminate: {}", names.join(", ")))
     }
 
@@ -303,9 +319,10 @@ impl Consumer {
     }
 
     fn reserved_infos(&self) -> Vec<Value> {
-        self.ready
-            .iter()
-            .filter_map(Job::task)
+        self.queued
+            .values()
+            .map(|r| &**r)
+            .chain(self.ready.iter().filter_map(Job::task))
             .chain(self.rate_limits.iter())
             .map(|r| r.info(&self.settings.hostname, None))
             .collect()
@@ -334,7 +351,8 @@ impl Consumer {
                 );
             }
         }
-        for r in self.ready.iter().filter_map(Job::task).chain(self.rate_limits.iter()) {
+        let queued = self.queued.values().map(|r| &**r);
+        for r in queued.chain(self.ready.iter().filter_map(Job::task)).chain(self.rate_limits.iter()) {
             if ids.contains(&r.message.id) {
                 out.insert(r.message.id.clone(), json!(["reserved", r.info(&self.settings.hostname, None)]));
             }

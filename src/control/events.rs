@@ -73,12 +73,13 @@ impl Events {
         Value::Object(e)
     }
 
-    /// Queue a task event (`task-received`, `task-succeeded`, ...) for the next flush.
-    pub fn task(&mut self, clock: &mut u64, kind: &str, fields: Value) {
+    /// Queue a task event (`task-received`, `task-succeeded`, ...) for the next flush. The
+    /// fields are only built when task events are on (they are off by default).
+    pub fn task(&mut self, clock: &mut u64, kind: &str, fields: impl FnOnce() -> Value) {
         if !self.task_events {
             return;
         }
-        let e = self.event(clock, kind, fields);
+        let e = self.event(clock, kind, fields());
         self.buffer.push(e);
         if self.buffer.len() >= BUFFER_LIMIT {
             self.flush();
@@ -121,8 +122,8 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut ev = Events::new("w@h".into(), "5.7.0".into(), true, true, 2.0, tx);
         let mut clock = 0;
-        ev.task(&mut clock, "task-received", serde_json::json!({"uuid": "1"}));
-        ev.task(&mut clock, "task-started", serde_json::json!({"uuid": "1"}));
+        ev.task(&mut clock, "task-received", || serde_json::json!({"uuid": "1"}));
+        ev.task(&mut clock, "task-started", || serde_json::json!({"uuid": "1"}));
         assert!(rx.try_recv().is_err());
         ev.flush();
         let (rk, body) = rx.try_recv().unwrap();
@@ -135,7 +136,7 @@ mod tests {
         assert_eq!(body["freq"], 2.0);
         assert_eq!(body["hostname"], "w@h");
         ev.task_events = false;
-        ev.task(&mut clock, "task-received", serde_json::json!({}));
+        ev.task(&mut clock, "task-received", || serde_json::json!({}));
         ev.flush();
         assert!(rx.try_recv().is_err());
     }

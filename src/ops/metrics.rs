@@ -39,9 +39,17 @@ impl Histogram {
 
 #[derive(Default)]
 struct PerTask {
-    events: BTreeMap<(String, &'static str), u64>,
+    events: BTreeMap<String, BTreeMap<&'static str, u64>>,
     runtime: BTreeMap<String, Histogram>,
     wait: BTreeMap<String, Histogram>,
+}
+
+/// The entry for `name`, allocating its key only the first time (this runs several times per task).
+fn per_name<'a, V: Default>(map: &'a mut BTreeMap<String, V>, name: &str) -> Option<&'a mut V> {
+    if !map.contains_key(name) {
+        map.insert(name.to_owned(), V::default());
+    }
+    map.get_mut(name)
 }
 
 #[derive(Default)]
@@ -52,6 +60,7 @@ pub struct Metrics {
     pub active: AtomicU64,
     pub children_alive: AtomicU64,
     pub child_restarts: AtomicU64,
+    pub pipelined: AtomicU64,
     pub broker_reconnects: AtomicU64,
     pub broker_connected: AtomicBool,
     pub children_ready: AtomicBool,
@@ -69,16 +78,22 @@ impl Metrics {
 
     /// Count a task event: received, started, succeeded, failed, retried, revoked, rejected.
     pub fn task(&self, name: &str, event: &'static str) {
-        *self.tasks().events.entry((name.to_owned(), event)).or_default() += 1;
+        if let Some(events) = per_name(&mut self.tasks().events, name) {
+            *events.entry(event).or_default() += 1;
+        }
     }
 
     pub fn runtime(&self, name: &str, seconds: f64) {
-        self.tasks().runtime.entry(name.to_owned()).or_default().observe(seconds);
+        if let Some(h) = per_name(&mut self.tasks().runtime, name) {
+            h.observe(seconds);
+        }
     }
 
     /// Time from receipt (or ETA) to start in a child.
     pub fn queue_wait(&self, name: &str, seconds: f64) {
-        self.tasks().wait.entry(name.to_owned()).or_default().observe(seconds);
+        if let Some(h) = per_name(&mut self.tasks().wait, name) {
+            h.observe(seconds);
+        }
     }
 
     pub fn set(gauge: &AtomicU64, v: usize) {
@@ -94,8 +109,10 @@ impl Metrics {
         let t = self.tasks();
         let _ = writeln!(out, "# HELP celeriac_tasks_total Task events seen by this worker.");
         let _ = writeln!(out, "# TYPE celeriac_tasks_total counter");
-        for ((name, event), n) in &t.events {
-            let _ = writeln!(out, "celeriac_tasks_total{{task=\"{}\",event=\"{event}\"}} {n}", label(name));
+        for (name, events) in &t.events {
+            for (event, n) in events {
+                let _ = writeln!(out, "celeriac_tasks_total{{task=\"{}\",event=\"{event}\"}} {n}", label(name));
+            }
         }
         let _ = writeln!(out, "# HELP celeriac_task_runtime_seconds Task run time in the pool child.");
         let _ = writeln!(out, "# TYPE celeriac_task_runtime_seconds histogram");
@@ -119,6 +136,11 @@ impl Metrics {
         }
         let counters = [
             ("celeriac_child_restarts_total", "Pool children replaced.", &self.child_restarts),
+            (
+                "celeriac_tasks_pipelined_total",
+                "Tasks written to a busy child behind its running one.",
+                &self.pipelined,
+            ),
             ("celeriac_broker_reconnects_total", "Broker connections re-established.", &self.broker_reconnects),
         ];
         for (name, help, v) in counters {

@@ -181,11 +181,14 @@ impl Pool {
         }
     }
 
-    /// A child finished its job; it gets more work unless it said it is leaving.
-    pub fn on_done(&mut self, index: usize, exiting: bool) {
+    /// A child finished its job; it gets more work unless it said it is leaving, or it
+    /// started the job queued behind (`starts_queued`).
+    pub fn on_done(&mut self, index: usize, exiting: bool, starts_queued: bool) {
         if let Some(slot) = self.slots.get_mut(&index) {
             if exiting {
                 slot.state = SlotState::Retiring;
+            } else if starts_queued {
+                slot.state = SlotState::Busy;
             } else if slot.state == SlotState::Busy {
                 slot.state = SlotState::Idle;
                 self.idle.push_back(index);
