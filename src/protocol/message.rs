@@ -2,7 +2,7 @@
 //! (`celery/worker/consumer/consumer.py: on_task_received`, `celery/worker/request.py`).
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::time::parse_iso8601;
 use crate::transport::Delivery;
@@ -141,31 +141,62 @@ fn truncate(s: &str, max: usize) -> &str {
 /// (`celery/worker/request.py: Request.__init__` builds the same from a kombu Message).
 pub struct ChildMeta;
 
+static EMPTY_OBJECT: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::Object(Map::new()));
+static NULL: Value = Value::Null;
+
+/// The meta as serialised: borrowed from the delivery, so nothing is copied before writing.
+#[derive(serde::Serialize)]
+struct MetaOut<'a> {
+    name: &'a str,
+    id: &'a str,
+    proto: u8,
+    content_type: &'a str,
+    content_encoding: &'a str,
+    headers: &'a Value,
+    extras: ExtrasOut<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ExtrasOut<'a> {
+    reply_to: &'a Value,
+    correlation_id: &'a Value,
+    hostname: &'a str,
+    delivery_info: DeliveryInfoOut<'a>,
+    properties: &'a Map<String, Value>,
+}
+
+#[derive(serde::Serialize)]
+struct DeliveryInfoOut<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    priority: &'a Value,
+    redelivered: bool,
+}
+
 impl ChildMeta {
     pub fn encode(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
-        let properties = Value::Object(delivery.properties.clone());
-        let meta = json!({
-            "name": msg.name,
-            "id": msg.id,
-            "proto": if msg.protocol == Protocol::V1 { 1 } else { 2 },
-            "content_type": delivery.content_type,
-            "content_encoding": delivery.content_encoding,
-            "headers": if msg.protocol == Protocol::V2 { delivery.headers.clone() } else {
-                match &delivery.headers { Value::Object(_) => delivery.headers.clone(), _ => json!({}) }
-            },
-            "extras": {
-                "reply_to": delivery.properties.get("reply_to").cloned().unwrap_or(Value::Null),
-                "correlation_id": delivery.properties.get("correlation_id").cloned().unwrap_or(Value::Null),
-                "hostname": hostname,
-                "delivery_info": {
-                    "exchange": delivery.exchange,
-                    "routing_key": delivery.routing_key,
-                    "priority": delivery.properties.get("priority").cloned().unwrap_or(Value::Null),
-                    "redelivered": delivery.redelivered,
+        let property = |key: &str| delivery.properties.get(key).unwrap_or(&NULL);
+        let meta = MetaOut {
+            name: &msg.name,
+            id: &msg.id,
+            proto: if msg.protocol == Protocol::V1 { 1 } else { 2 },
+            content_type: &delivery.content_type,
+            content_encoding: &delivery.content_encoding,
+            // v2 headers are a mapping (they name the task); v1 ones may be anything.
+            headers: if delivery.headers.is_object() { &delivery.headers } else { &EMPTY_OBJECT },
+            extras: ExtrasOut {
+                reply_to: property("reply_to"),
+                correlation_id: property("correlation_id"),
+                hostname,
+                delivery_info: DeliveryInfoOut {
+                    exchange: &delivery.exchange,
+                    routing_key: &delivery.routing_key,
+                    priority: property("priority"),
+                    redelivered: delivery.redelivered,
                 },
-                "properties": properties,
+                properties: &delivery.properties,
             },
-        });
+        };
         serde_json::to_vec(&meta).unwrap_or_default()
     }
 }
@@ -173,6 +204,7 @@ impl ChildMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn delivery(headers: Value, body: &[u8], content_type: &str) -> Delivery {
         Delivery {

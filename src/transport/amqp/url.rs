@@ -21,6 +21,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The largest frame we ask the broker for (bytes).
+const FRAME_MAX: u32 = 16 * 1024;
+
 /// Parse one kombu AMQP URL. `heartbeat` (s) and `timeout` (ms) come from the app's settings.
 pub fn parse(url: &str, heartbeat: Option<u16>, timeout_ms: Option<u64>) -> Option<AMQPUri> {
     let (scheme, rest) = url.split_once("://")?;
@@ -56,7 +59,15 @@ pub fn parse(url: &str, heartbeat: Option<u16>, timeout_ms: Option<u64>) -> Opti
         scheme,
         authority: AMQPAuthority { userinfo: AMQPUserInfo { username, password }, host, port },
         vhost,
-        query: AMQPQueryString { heartbeat, connection_timeout: timeout_ms, ..Default::default() },
+        // lapin keeps two buffers of 32 frames per connection: at RabbitMQ's default frame_max
+        // (128 KiB) that is 8 MiB resident per connection. Typical task messages fit 16 KiB;
+        // larger ones are split into more frames, as the protocol allows.
+        query: AMQPQueryString {
+            heartbeat,
+            connection_timeout: timeout_ms,
+            frame_max: Some(FRAME_MAX),
+            ..Default::default()
+        },
     })
 }
 
