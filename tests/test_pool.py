@@ -37,8 +37,8 @@ def test_reject_on_worker_lost_requeues(worker):
 
 def test_child_killed_with_a_request_queued_behind_loses_nothing(worker):
     port = free_port()
+    results = [testapp.die_at.delay(i, 60) for i in range(120)]  # waiting before the worker starts
     worker(WORKER[:-1] + ["1", "--http-port", str(port)]).wait_ready()
-    results = [testapp.die_at.delay(i, 60) for i in range(120)]
     for i, r in enumerate(results):
         if i == 60:
             with pytest.raises(WorkerLostError):
@@ -50,8 +50,8 @@ def test_child_killed_with_a_request_queued_behind_loses_nothing(worker):
 
 def test_recycled_child_gives_back_what_was_queued_behind(worker):
     port = free_port()
+    results = [testapp.add.delay(i, 1) for i in range(60)]  # waiting before the worker starts
     worker(WORKER[:-1] + ["1", "--max-tasks-per-child", "5", "--http-port", str(port)]).wait_ready()
-    results = [testapp.add.delay(i, 1) for i in range(60)]
     assert [r.get(timeout=30) for r in results] == [i + 1 for i in range(60)]
     assert metric(port, "celeriac_tasks_pipelined_total") > 0
 

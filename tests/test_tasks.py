@@ -22,6 +22,16 @@ def test_delay_and_get(worker):
     assert "succeeded in" in log
 
 
+def test_large_arguments_and_results(worker):
+    # Larger than an AMQP frame (16 KiB here), than what is queued behind a running task
+    # (64 KiB), and within SQS's 256 KiB message limit once base64-encoded.
+    worker(WORKER).wait_ready()
+    blob = "x" * 150_000 + "é"
+    results = [testapp.echo.delay(blob, n=i) for i in range(6)]
+    for i, r in enumerate(results):
+        assert r.get(timeout=20) == {"args": [blob], "kwargs": {"n": i}}
+
+
 def test_failure_reraises_same_exception(worker):
     worker(WORKER).wait_ready()
     result = testapp.fail.delay("it broke")

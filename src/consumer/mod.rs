@@ -769,9 +769,15 @@ impl Consumer {
             }
             PoolEvent::Done { index, report } => {
                 let next = self.queued.remove(&index);
-                self.pool.on_done(index, report.exiting, next.is_some());
+                let first_job = self.pool.on_done(index, report.exiting, next.is_some());
                 match self.active.remove(&index) {
-                    Some(Job::Task(request)) => self.on_task_done(*request, &report),
+                    Some(Job::Task(request)) => {
+                        // A child's first run includes its set-up: not what the task typically takes.
+                        if let (Some(runtime), false) = (report.runtime, first_job) {
+                            self.pipeline.observe(&request.message.name, runtime);
+                        }
+                        self.on_task_done(*request, &report)
+                    }
                     Some(Job::Record(_)) => {}
                     None => warn!("ForkPoolWorker-{index} reported a job it was not given"),
                 }
@@ -873,7 +879,6 @@ impl Consumer {
         }
         if let Some(runtime) = report.runtime {
             self.metrics.runtime(&request.message.name, runtime);
-            self.pipeline.observe(&request.message.name, runtime);
         }
         let frees = !request.eta_bumped;
         let tag = request.delivery.tag.clone();

@@ -87,6 +87,8 @@ struct Slot {
     state: SlotState,
     /// `None` once we closed it to make the child leave (pool shrink).
     writer: Option<OwnedWriteHalf>,
+    /// Jobs it reported done.
+    jobs_done: u64,
 }
 
 pub struct Pool {
@@ -169,7 +171,7 @@ impl Pool {
             }
             let _ = events.send(PoolEvent::Gone { index });
         });
-        self.slots.insert(index, Slot { pid: None, state: SlotState::Starting, writer: Some(writer) });
+        self.slots.insert(index, Slot { pid: None, state: SlotState::Starting, writer: Some(writer), jobs_done: 0 });
         Ok(index)
     }
 
@@ -182,18 +184,20 @@ impl Pool {
     }
 
     /// A child finished its job; it gets more work unless it said it is leaving, or it
-    /// started the job queued behind (`starts_queued`).
-    pub fn on_done(&mut self, index: usize, exiting: bool, starts_queued: bool) {
-        if let Some(slot) = self.slots.get_mut(&index) {
-            if exiting {
-                slot.state = SlotState::Retiring;
-            } else if starts_queued {
-                slot.state = SlotState::Busy;
-            } else if slot.state == SlotState::Busy {
-                slot.state = SlotState::Idle;
-                self.idle.push_back(index);
-            }
+    /// started the job queued behind (`starts_queued`). Returns whether that was the child's
+    /// first job (which also paid for its one-time set-up: backend connection, lazy imports).
+    pub fn on_done(&mut self, index: usize, exiting: bool, starts_queued: bool) -> bool {
+        let Some(slot) = self.slots.get_mut(&index) else { return false };
+        slot.jobs_done += 1;
+        if exiting {
+            slot.state = SlotState::Retiring;
+        } else if starts_queued {
+            slot.state = SlotState::Busy;
+        } else if slot.state == SlotState::Busy {
+            slot.state = SlotState::Idle;
+            self.idle.push_back(index);
         }
+        slot.jobs_done == 1
     }
 
     /// Forget a child whose socket closed; returns its pid if it had reported one.
