@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::{AsyncCommands, Script};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -135,12 +135,15 @@ struct Held {
 
 pub struct RedisTransport {
     client: redis::Client,
-    conn: MultiplexedConnection,
+    /// Acks, refreshes, restores and publishing; reconnects by itself after a lost connection
+    /// (the consumer keeps its own, blocking connection).
+    conn: ConnectionManager,
     opts: RedisOptions,
     held: Mutex<HashMap<String, Held>>,
     restore: Script,
     take: Script,
     consuming: std::sync::atomic::AtomicBool,
+    shared_ok: std::sync::atomic::AtomicBool,
     connections: std::sync::atomic::AtomicU64,
 }
 
@@ -205,7 +208,13 @@ fn envelope_priority(envelope_props: &Map<String, Value>) -> u8 {
 impl RedisTransport {
     pub async fn connect(url: &str, opts: RedisOptions) -> Result<Self, TransportError> {
         let client = redis::Client::open(to_client_url(url))?;
-        let conn = client.get_multiplexed_async_connection().await?;
+        // Bounded waits: a command on a connection that went silent fails (and reconnects)
+        // instead of holding up acks, and with them the prefetch window, for good.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(5))
+            .set_response_timeout(Duration::from_secs(10))
+            .set_max_delay(2000);
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         Ok(RedisTransport {
             client,
             conn,
@@ -214,6 +223,7 @@ impl RedisTransport {
             restore: Script::new(RESTORE_SCRIPT),
             take: Script::new(TAKE_SCRIPT),
             consuming: Default::default(),
+            shared_ok: std::sync::atomic::AtomicBool::new(true),
             connections: Default::default(),
         })
     }
@@ -360,6 +370,21 @@ impl RedisTransport {
         Ok(moved == 1)
     }
 
+    /// Stock sweeps every `unacked_restore_interval`; sweeping again as soon as the oldest
+    /// unacked entry passes the visibility timeout brings a dead worker's messages back that
+    /// much sooner (at most the interval, at least a second).
+    async fn until_next_sweep(&self) -> Duration {
+        let interval = self.opts.restore_interval.max(1.0);
+        let mut conn = self.conn.clone();
+        let oldest: Result<Vec<(String, f64)>, _> =
+            conn.zrange_withscores(self.key(&self.opts.unacked_index_key), 0, 0).await;
+        let due = match oldest.ok().and_then(|o| o.into_iter().next()) {
+            Some((_, score)) => score + self.opts.visibility_timeout - now_secs(),
+            None => interval,
+        };
+        Duration::from_secs_f64(due.clamp(1.0, interval))
+    }
+
     /// `QoS.restore_visible`: give back messages unacked for longer than the visibility
     /// timeout whose worker is gone. Messages this worker holds are kept fresh instead.
     async fn restore_visible(&self) -> Result<usize, TransportError> {
@@ -385,7 +410,11 @@ impl RedisTransport {
                 continue;
             }
             let stored: Option<String> = conn.hget(self.key(&self.opts.unacked_key), &tag).await?;
-            let Some(stored) = stored else { continue };
+            let Some(stored) = stored else {
+                // Acked meanwhile, or an index entry without a message (kombu drops those too).
+                let _: i64 = conn.zrem(self.key(&self.opts.unacked_index_key), &tag).await?;
+                continue;
+            };
             match parse_stored(&stored) {
                 Some(held) => {
                     if self.give_back(&tag, held, false).await? {
@@ -424,8 +453,15 @@ impl RedisTransport {
             pipe.add_command(cmd).ignore();
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        let refreshed = pipe.query_async::<()>(&mut conn).await;
+        self.note_shared(&refreshed);
+        Ok(refreshed?)
+    }
+
+    /// Whether the shared connection (acks, refreshes) works, for `/readyz`: with it down the
+    /// worker cannot settle anything, whatever its consumer's connection says.
+    fn note_shared<T>(&self, outcome: &redis::RedisResult<T>) {
+        self.shared_ok.store(outcome.is_ok(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -570,7 +606,10 @@ impl Transport for RedisTransport {
                     _ = stop.changed() => return,
                 };
                 if conn.is_none() {
-                    match self.client.get_multiplexed_async_connection().await {
+                    // A connect that hangs (the broker accepts and never answers) is retried.
+                    // No response timeout: BRPOP blocks, bounded by its own timeout.
+                    let config = redis::AsyncConnectionConfig::new().set_connection_timeout(Duration::from_secs(5));
+                    match self.client.get_multiplexed_async_connection_with_config(&config).await {
                         Ok(mut c) => {
                             // Its id lets a stop wake the BRPOP (CLIENT UNBLOCK, Redis >= 5).
                             client_id = redis::cmd("CLIENT").arg("ID").query_async(&mut c).await.ok();
@@ -717,7 +756,9 @@ impl Transport for RedisTransport {
             }
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
+        let settled = pipe.query_async::<()>(&mut conn).await;
+        self.note_shared(&settled);
+        settled?;
         for (tag, leftmost) in give_back {
             let held = self.held().remove(&tag);
             if let Some(held) = held {
@@ -894,14 +935,14 @@ impl Transport for RedisTransport {
 
     fn connected(&self) -> bool {
         self.consuming.load(std::sync::atomic::Ordering::Relaxed)
+            && self.shared_ok.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let refresh_every = Duration::from_secs_f64((self.opts.visibility_timeout / 4.0).clamp(1.0, 300.0));
-            let sweep_every = Duration::from_secs_f64(self.opts.restore_interval.max(1.0));
             let mut refresh = tokio::time::interval(refresh_every);
-            let mut sweep = tokio::time::interval(sweep_every);
+            let mut next_sweep = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = refresh.tick() => {
@@ -909,11 +950,14 @@ impl Transport for RedisTransport {
                             warn!("Could not refresh unacked messages: {e}");
                         }
                     }
-                    _ = sweep.tick() => match self.restore_visible().await {
-                        Ok(0) => {}
-                        Ok(n) => info!("Restored {n} unacknowledged message(s) past the visibility timeout"),
-                        Err(e) => debug!("Visibility restore skipped: {e}"),
-                    },
+                    _ = tokio::time::sleep_until(next_sweep) => {
+                        match self.restore_visible().await {
+                            Ok(0) => {}
+                            Ok(n) => info!("Restored {n} unacknowledged message(s) past the visibility timeout"),
+                            Err(e) => debug!("Visibility restore skipped: {e}"),
+                        }
+                        next_sweep = tokio::time::Instant::now() + self.until_next_sweep().await;
+                    }
                     _ = stop.changed() => return,
                 }
             }

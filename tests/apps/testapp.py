@@ -166,6 +166,24 @@ def late_count_slowly(key, seconds):
     return _redis().hincrby(key, late_count_slowly.request.id, 1)
 
 
+def _ledger_entry(request, key, seconds):
+    _redis().hincrby(key, request.id, 1)
+    time.sleep(seconds)
+    return request.id
+
+
+@app.task(bind=True)
+def ledger(self, key, seconds):
+    """One entry of a fault test's ledger: counts its runs by task id, then works a while."""
+    return _ledger_entry(self.request, key, seconds)
+
+
+@app.task(bind=True, acks_late=True, reject_on_worker_lost=True)
+def late_ledger(self, key, seconds):
+    """`ledger` acked once it returned, and requeued when its child dies: it runs at least once."""
+    return _ledger_entry(self.request, key, seconds)
+
+
 @app.task(ignore_result=True)
 def ignored(x):
     return x

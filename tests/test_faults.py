@@ -1,0 +1,291 @@
+"""Faults under load (issue Step 8): every task sent is accounted for.
+
+Each scenario sends a couple of thousand tasks with the real celery producer and keeps a ledger:
+the task ids sent, how many times each ran (a Redis hash the task increments when it starts)
+and the state its result ends in. At the end every id must have completed (exactly once for
+early-ack tasks where the fault allows, at least once for `acks_late`), nothing may be missing
+without a reason the fault explains, and the worker must still serve. RabbitMQ and Redis.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+import testapp
+from conftest import BROKER_KIND, BROKER_URL, REDIS_PORT, free_port, http_get
+
+pytestmark = pytest.mark.skipif(BROKER_KIND not in ("amqp", "redis"), reason="fault scenarios run on RabbitMQ and Redis")
+
+WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
+# Messages of a killed Redis worker come back after the visibility timeout: keep it short.
+FAST_RESTORE = {"TESTAPP_TRANSPORT_OPTIONS": json.dumps({"visibility_timeout": 2})} if BROKER_KIND == "redis" else {}
+
+
+def pool_children(worker_pid):
+    """The pool children: the zygote's children (supervisor -> zygote -> children)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                parents[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    zygotes = {p for p, pp in parents.items() if pp == worker_pid}
+    return [p for p, pp in parents.items() if pp in zygotes]
+
+
+class Ledger:
+    """Task ids sent, runs per id, and final states from the result backend."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.key = f"ledger:{uuid.uuid4()}"
+        self.ids = []
+
+    def send(self, task, n, seconds):
+        self.ids += [task.delay(self.key, seconds).id for _ in range(n)]
+
+    def runs(self):
+        return {k.decode(): int(v) for k, v in testapp._redis().hgetall(self.key).items()}
+
+    def wait_runs(self, at_least, timeout=60):
+        deadline = time.monotonic() + timeout
+        while testapp._redis().hlen(self.key) < at_least:
+            assert time.monotonic() < deadline, f"only {testapp._redis().hlen(self.key)} of {at_least} ran"
+            time.sleep(0.01)
+
+    def states(self):
+        """id -> stored meta (None: no result)."""
+        metas = {}
+        for i in range(0, len(self.ids), 500):
+            chunk = self.ids[i:i + 500]
+            for task_id, raw in zip(chunk, self.backend.mget([f"celery-task-meta-{t}" for t in chunk])):
+                metas[task_id] = json.loads(raw) if raw else None
+        return metas
+
+    def wait_done(self, settled, timeout=120):
+        """Wait until settled(states) holds; returns the states."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states()
+            if settled(states):
+                return states
+            if time.monotonic() > deadline:
+                missing = [t for t, m in states.items() if not m or m["status"] not in ("SUCCESS", "FAILURE")]
+                raise AssertionError(f"{len(missing)} of {len(self.ids)} tasks never finished, e.g. {missing[:3]}")
+            time.sleep(0.2)
+
+
+def all_finished(states):
+    return all(m and m["status"] in ("SUCCESS", "FAILURE") for m in states.values())
+
+
+def all_succeeded(states):
+    return all(m and m["status"] == "SUCCESS" for m in states.values())
+
+
+class ChildKiller(threading.Thread):
+    """SIGKILLs a random pool child of a worker every `every` seconds."""
+
+    def __init__(self, worker_pid, every):
+        super().__init__(daemon=True)
+        self.worker_pid, self.every, self.kills = worker_pid, every, 0
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(self.every):
+            children = pool_children(self.worker_pid)
+            if children:
+                try:
+                    os.kill(random.choice(children), signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self.join(5)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["early-ack", "acks-late"])
+def test_pool_children_killed_mid_task_repeatedly(worker, broker, backend, late):
+    """Fault 1. Early ack: a task whose child is killed is FAILURE (WorkerLostError), as stock,
+    and nothing runs twice; acks_late with reject_on_worker_lost: it runs again and succeeds."""
+    w = worker(WORKER).wait_ready()
+    ledger = Ledger(backend)
+    ledger.send(testapp.late_ledger if late else testapp.ledger, 2000, 0.004)
+    with ChildKiller(w.pid, every=0.25) as killer:
+        ledger.wait_runs(1800)
+    states = ledger.wait_done(all_succeeded if late else all_finished)
+    runs = ledger.runs()
+    assert killer.kills >= 5, killer.kills
+    failed = {t for t, m in states.items() if m["status"] == "FAILURE"}
+    if late:
+        assert not failed
+        assert all(runs.get(t, 0) >= 1 for t in ledger.ids)
+    else:
+        assert {states[t]["result"]["exc_type"] for t in failed} <= {"WorkerLostError"}
+        assert 0 < len(failed) <= killer.kills
+        assert all(runs.get(t) == 1 for t in ledger.ids if t not in failed)
+        assert max(runs.values()) == 1  # early ack: nothing ran twice
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["early-ack", "acks-late"])
+def test_worker_killed_under_load_then_restarted(worker, broker, backend, late):
+    """Fault 2. SIGKILL of the whole worker twice under load; a third drains the rest. What the
+    dead workers held comes back (RabbitMQ at once, Redis after the visibility timeout) and runs.
+    Early ack: only tasks a child had taken at a kill may be missing (acked when they started,
+    as stock), and one whose ack was still on its way may run twice; acks_late: every task
+    succeeds."""
+    ledger = Ledger(backend)
+    worker(WORKER, env=FAST_RESTORE).wait_ready().stop()  # declares the queue
+    ledger.send(testapp.late_ledger if late else testapp.ledger, 1500, 0.005)
+    for share in (0.3, 0.6):
+        w = worker(WORKER, env=FAST_RESTORE).wait_ready()
+        ledger.wait_runs(int(len(ledger.ids) * share))
+        w.kill()
+    worker(WORKER, env=FAST_RESTORE).wait_ready()
+    at_most_lost = 0 if late else 2 * 2 * 2  # kills x children x (running + queued behind)
+    states = ledger.wait_done(
+        lambda s: sum(1 for m in s.values() if not m or m["status"] != "SUCCESS") <= at_most_lost, timeout=120)
+    time.sleep(3)  # anything restored late still runs
+    states, runs = ledger.states(), ledger.runs()
+    unfinished = [t for t, m in states.items() if not m or m["status"] != "SUCCESS"]
+    if late:
+        assert not unfinished, f"acks_late tasks lost: {where(broker, unfinished)}"
+    else:
+        # Only what a child had taken (acked) when its worker was killed: none of it is left
+        # in the broker, and it is at most the children's running and queued-behind tasks.
+        assert len(unfinished) <= at_most_lost, where(broker, unfinished)
+        if BROKER_KIND == "redis":
+            assert set(where(broker, unfinished).values()) <= {"nowhere"}
+        assert sum(1 for n in runs.values() if n > 1) <= at_most_lost
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+
+
+def where(broker, task_ids):
+    """Where the broker still holds these tasks' messages (for a failure's message)."""
+    if BROKER_KIND != "redis":
+        return task_ids
+    r = broker.redis
+    places = {}
+    for t in task_ids:
+        in_queue = any(t.encode() in m for m in r.lrange("celery", 0, -1))
+        in_unacked = any(t.encode() in m for m in r.hvals("unacked"))
+        places[t] = "queue" if in_queue else "unacked" if in_unacked else "nowhere"
+    return places
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 between the worker and the broker that can cut every
+    connection, and refuse new ones for a while (the broker seems down)."""
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs, self.lock = [], threading.Lock()
+        self.refuse_until = 0.0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.refuse_until:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self, refuse_for=0.0):
+        self.refuse_until = time.monotonic() + refuse_for
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def cutting_proxy():
+    upstream = 5672 if BROKER_KIND == "amqp" else REDIS_PORT
+    proxy = CuttingProxy(upstream)
+    yield proxy
+    proxy.close()
+
+
+def test_broker_connection_cut_under_load(worker, broker, backend, cutting_proxy):
+    """Fault 3. The worker's broker connections are cut three times under load, each time with
+    the broker unreachable for 2 s: /readyz says not ready meanwhile, the worker reconnects and
+    every task runs (at least once: an ack lost with the connection means a second run)."""
+    upstream = ":5672/" if BROKER_KIND == "amqp" else f":{REDIS_PORT}/"
+    url = BROKER_URL.replace(upstream, f":{cutting_proxy.port}/")
+    assert url != BROKER_URL
+    port = free_port()
+    w = worker(WORKER + ["--http-port", str(port), "--http-bind", "127.0.0.1"],
+               env=dict(FAST_RESTORE, CELERIAC_TEST_BROKER=url)).wait_ready()
+    ledger = Ledger(backend)
+    ledger.send(testapp.ledger, 2000, 0.002)
+    for i in range(3):
+        ledger.wait_runs(400 * (i + 1))
+        cutting_proxy.cut(refuse_for=2.0)
+        deadline = time.monotonic() + 2.0
+        while http_get(port, "/readyz")[0] != 503:
+            assert time.monotonic() < deadline, "/readyz still ready with the broker unreachable"
+            time.sleep(0.05)
+    ledger.wait_done(all_succeeded, timeout=120)
+    runs = ledger.runs()
+    assert all(runs.get(t, 0) >= 1 for t in ledger.ids)
+    deadline = time.monotonic() + 10
+    while http_get(port, "/readyz")[0] != 200:
+        assert time.monotonic() < deadline, "/readyz not ready again after reconnecting"
+        time.sleep(0.1)
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+    assert w.proc.poll() is None
