@@ -213,7 +213,10 @@ impl RedisTransport {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(5))
             .set_response_timeout(Duration::from_secs(10))
-            .set_max_delay(2000);
+            .set_max_delay(2000)
+            // One attempt per failed command: a first connect fails at once (the worker's own
+            // start-up retries decide), and a later failure reconnects on the next command.
+            .set_number_of_retries(1);
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         Ok(RedisTransport {
             client,
