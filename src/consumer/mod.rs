@@ -525,12 +525,7 @@ impl Consumer {
 
     fn update_gauges(&self) {
         let m = &self.metrics;
-        Metrics::set(
-            &m.prefetched,
-            self.ready.iter().filter(|j| j.task().is_some()).count()
-                + self.queued.len()
-                + self.rate_limits.iter().count(),
-        );
+        Metrics::set(&m.prefetched, self.reserved_requests().count());
         Metrics::set(&m.eta_waiting, self.eta.iter().count());
         Metrics::set(&m.active, self.active.len());
         Metrics::set(&m.children_alive, self.pool.ready_count());
@@ -560,15 +555,19 @@ impl Consumer {
         }
     }
 
-    /// Every request this worker holds: running, ready, rate limited, waiting for an ETA.
+    /// Every request this worker holds: running, reserved, waiting for an ETA.
     fn held_requests(&self) -> impl Iterator<Item = &Request> {
         self.active
             .values()
-            .chain(self.ready.iter())
             .filter_map(Job::task)
-            .chain(self.queued.values().map(|r| &**r))
-            .chain(self.rate_limits.iter())
+            .chain(self.reserved_requests())
             .chain(self.eta.iter().map(|(_, r)| r))
+    }
+
+    /// Requests received, not started and not waiting for an ETA (`inspect reserved`): queued
+    /// behind a running task, ready, or held by a rate limit.
+    fn reserved_requests(&self) -> impl Iterator<Item = &Request> {
+        self.queued.values().map(|r| &**r).chain(self.ready.iter().filter_map(Job::task)).chain(self.rate_limits.iter())
     }
 
     /// Bring the pool to `concurrency` after `pool_grow` / `pool_shrink`.
@@ -603,9 +602,7 @@ impl Consumer {
 
     /// Requests received and not finished, ETA ones excepted (`state.reserved_requests`).
     fn reserved_count(&self) -> usize {
-        self.active.values().chain(self.ready.iter()).filter(|j| j.task().is_some()).count()
-            + self.queued.len()
-            + self.rate_limits.iter().count()
+        self.active.values().filter(|j| j.task().is_some()).count() + self.reserved_requests().count()
     }
 
     /// The prefetch window grows or shrinks by `delta` (`Consumer._update_prefetch_count`).

@@ -43,8 +43,8 @@ impl Pipeline {
         }
     }
 
-    /// May a request be queued behind `running`, which started at `started` (epoch seconds)?
-    /// Only behind a task known to be short that has not yet run longer than that.
+    /// May a request be queued behind `running`, at `now` (epoch seconds)? Only behind a task
+    /// known to be short that has not yet run longer than that.
     pub fn may_queue_behind(&self, running: &Request, now: f64) -> bool {
         let Some(max) = self.max_runtime else { return false };
         let short = self.typical.get(&running.message.name).is_some_and(|t| *t < max);

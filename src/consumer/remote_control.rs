@@ -319,13 +319,7 @@ impl Consumer {
     }
 
     fn reserved_infos(&self) -> Vec<Value> {
-        self.queued
-            .values()
-            .map(|r| &**r)
-            .chain(self.ready.iter().filter_map(Job::task))
-            .chain(self.rate_limits.iter())
-            .map(|r| r.info(&self.settings.hostname, None))
-            .collect()
+        self.reserved_requests().map(|r| r.info(&self.settings.hostname, None)).collect()
     }
 
     fn scheduled_infos(&self) -> Vec<Value> {
@@ -351,8 +345,7 @@ impl Consumer {
                 );
             }
         }
-        let queued = self.queued.values().map(|r| &**r);
-        for r in queued.chain(self.ready.iter().filter_map(Job::task)).chain(self.rate_limits.iter()) {
+        for r in self.reserved_requests() {
             if ids.contains(&r.message.id) {
                 out.insert(r.message.id.clone(), json!(["reserved", r.info(&self.settings.hostname, None)]));
             }
