@@ -33,3 +33,19 @@ def test_signal_order_and_processes(worker, tmp_path):
     assert procs["task_prerun"] == "ForkPoolWorker-1" and procs["worker_process_init"] == "ForkPoolWorker-1"
     assert procs["worker_ready"] == procs["worker_shutdown"] == procs["worker_init"]  # the MainProcess side
     assert procs["task_received"] == procs["worker_init"]
+
+
+def test_children_start_like_billiard_processes(worker):
+    """A pool child runs the after-fork hooks a billiard child runs: `app.on_after_fork`
+    receivers, and the app forgets the broker connections its parent opened, so tasks that
+    send tasks from several children never share one connection."""
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "2"], env={"TESTAPP_SEND_AT_INIT": "1"})
+    w.wait_ready()
+    infos = [testapp.whoami.delay().get(timeout=10) for _ in range(4)]
+    assert {i["after_fork"] for i in infos} == {1}, infos
+    # Children sending at once: each through a connection of its own.
+    sent = [testapp.send_add.delay(i, i) for i in range(60)]
+    ids = [r.get(timeout=20) for r in sent]
+    assert [testapp.app.AsyncResult(i).get(timeout=20) for i in ids] == [2 * i for i in range(60)]
+    assert w.stop() == 0
+    assert "Traceback" not in w.log(), w.log()

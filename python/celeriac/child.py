@@ -12,6 +12,8 @@ import logging
 import multiprocessing
 import os
 import socket
+import sys
+from multiprocessing import util as _mp_util
 
 import celery
 from billiard.einfo import ExceptionWithTraceback
@@ -320,6 +322,7 @@ def run(fd, index, app, hostname, options):
 
     multiprocessing.current_process().name = f"ForkPoolWorker-{index}"
     sock = socket.socket(fileno=fd)
+    _bootstrap_as_billiard()
     process_initializer(app, hostname)
     signal.signal(signal.SIGUSR1, _soft_time_limit)
     max_tasks = options.get("max_tasks_per_child") or app.conf.worker_max_tasks_per_child
@@ -334,4 +337,21 @@ def run(fd, index, app, hostname, options):
             process_destructor(os.getpid(), code)
         except Exception:
             logger.exception("worker_process_shutdown handler failed")
+        _mp_util._exit_function()
     return code
+
+
+def _bootstrap_as_billiard():
+    """What billiard's ``Process._bootstrap`` does in a new pool child before it runs: stdin
+    is /dev/null, finalizers registered in the parent are dropped, and the after-fork hooks
+    run (``app._after_fork``: the broker connection and producer pools made before the fork
+    are forgotten, and ``app.on_after_fork`` receivers, such as the Redis result consumer's,
+    reset their connections)."""
+    if sys.stdin is not None:
+        try:
+            sys.stdin.close()
+            sys.stdin = open(os.devnull)
+        except (OSError, ValueError):
+            pass
+    _mp_util._finalizer_registry.clear()
+    _mp_util._run_after_forkers()

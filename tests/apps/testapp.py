@@ -50,7 +50,7 @@ def special_queues():
 if os.environ.get("TESTAPP_SPECIAL_QUEUES"):
     app.conf.task_queues = special_queues()
 
-_events = {"process_init": 0}
+_events = {"process_init": 0, "after_fork": 0}
 
 
 def _log_signal(name):
@@ -87,6 +87,21 @@ _connect_signal_log()
 @worker_process_init.connect
 def _on_process_init(**kwargs):
     _events["process_init"] += 1
+
+
+@app.on_after_fork.connect
+def _on_after_fork(**kwargs):
+    _events["after_fork"] += 1
+
+
+if os.environ.get("TESTAPP_SEND_AT_INIT"):
+    from celery.signals import worker_init
+
+    @worker_init.connect
+    def _send_at_init(**kwargs):
+        # A start-up hook that sends a task: the app's broker connection pool exists (and is
+        # connected) before the pool children are forked; each child must start its own.
+        add.delay(40, 2)
 
 
 @task_prerun.connect
@@ -129,7 +144,14 @@ def whoami(self):
         "retries": self.request.retries,
         "delivery_info": self.request.delivery_info,
         "process_init": _events["process_init"],
+        "after_fork": _events["after_fork"],
     }
+
+
+@app.task
+def send_add(x, y):
+    """Send a task from inside a task, through the app's own producer pool."""
+    return add.delay(x, y).id
 
 
 @app.task
