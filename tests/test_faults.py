@@ -28,8 +28,8 @@ WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 FAST_RESTORE = {"TESTAPP_TRANSPORT_OPTIONS": json.dumps({"visibility_timeout": 2})} if BROKER_KIND == "redis" else {}
 
 
-def pool_children(worker_pid):
-    """The pool children: the zygote's children (supervisor -> zygote -> children)."""
+def _parents():
+    """pid -> parent pid of every process."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -39,8 +39,29 @@ def pool_children(worker_pid):
                 parents[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
             except (OSError, ValueError, IndexError):
                 pass
-    zygotes = {p for p, pp in parents.items() if pp == worker_pid}
-    return [p for p, pp in parents.items() if pp in zygotes]
+    return parents
+
+
+def alive(pid):
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def zygotes(worker_pid):
+    """The worker's zygote (the supervisor's only child process)."""
+    return {p for p, pp in _parents().items() if pp == worker_pid}
+
+
+def pool_children(worker_pid):
+    """The pool children: the zygote's children (supervisor -> zygote -> children)."""
+    parents = _parents()
+    ours = {p for p, pp in parents.items() if pp == worker_pid}
+    return [p for p, pp in parents.items() if pp in ours]
 
 
 class Ledger:
@@ -174,6 +195,31 @@ def test_worker_killed_under_load_then_restarted(worker, broker, backend, late):
         if BROKER_KIND == "redis":
             assert set(where(broker, unfinished).values()) <= {"nowhere"}
         assert sum(1 for n in runs.values() if n > 1) <= at_most_lost
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+
+
+def test_zygote_killed_under_load(worker, broker, backend):
+    """The zygote (it imported the app and forks the pool children) SIGKILLed under load, as
+    an OOM killer might: its children die with it, the worker says why and exits at once with
+    code 1 for its process manager to restart it, and after the restart every acks_late task
+    succeeds."""
+    w = worker(WORKER, env=FAST_RESTORE).wait_ready()
+    ledger = Ledger(backend)
+    ledger.send(testapp.late_ledger, 800, 0.005)
+    ledger.wait_runs(200)
+    children = pool_children(w.pid)
+    (zygote,) = zygotes(w.pid)
+    os.kill(zygote, signal.SIGKILL)
+    killed = time.monotonic()
+    assert w.wait_exit(timeout=10) == 1
+    assert time.monotonic() - killed < 5, "the worker took its time to notice"
+    assert "The zygote process died" in w.log()
+    deadline = time.monotonic() + 5
+    while any(alive(c) for c in children):
+        assert time.monotonic() < deadline, "pool children outlived their zygote"
+        time.sleep(0.05)
+    worker(WORKER, env=FAST_RESTORE).wait_ready()
+    ledger.wait_done(all_succeeded, timeout=120)
     assert testapp.add.delay(1, 1).get(timeout=10) == 2
 
 

@@ -108,6 +108,9 @@ pub struct Consumer {
     stale_received_acks: usize,
     /// `worker_shutting_down` was sent and its handlers have not reported done yet.
     shutting_down_pending: bool,
+    /// The zygote died: its children died with it (parent-death signal) and nothing it would
+    /// report (exits, signal handlers done) will come; shutdown waits for none of it.
+    zygote_gone: bool,
     /// `--shutdown-timeout`: when a warm shutdown stops waiting for running tasks.
     shutdown_deadline: Option<tokio::time::Instant>,
     /// Pool size now (`-c`, changed by `pool_grow` / `pool_shrink`).
@@ -189,6 +192,7 @@ impl Consumer {
             processed: 0,
             worker_signals: Vec::new(),
             shutting_down_pending: false,
+            zygote_gone: false,
             task_received_receivers: ch.task_received_receivers,
             awaiting_received: VecDeque::new(),
             received_signals: Vec::new(),
@@ -843,6 +847,7 @@ impl Consumer {
             }
             PoolEvent::SignalSent(_) => self.shutting_down_pending = false,
             PoolEvent::ZygoteGone => {
+                self.zygote_gone = true;
                 if self.stopping.is_none() {
                     error!("The zygote process died: no pool children can be started. Stopping.");
                     return Err(1);
@@ -1121,19 +1126,23 @@ impl Consumer {
     async fn finish(mut self, how: Stop, exit_code: i32) -> i32 {
         let _ = self.stop_consuming.send(true);
         // `worker_shutting_down` handlers run before any child is told to stop, as stock.
-        self.send_worker_signals().await;
-        if self.shutting_down_pending {
+        if !self.zygote_gone {
+            self.send_worker_signals().await;
+        }
+        if self.shutting_down_pending && !self.zygote_gone {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
-                if matches!(&event, PoolEvent::SignalSent(name) if name != "task_received")
-                    || matches!(event, PoolEvent::ZygoteGone)
-                {
+                if matches!(event, PoolEvent::ZygoteGone) {
+                    self.zygote_gone = true;
+                }
+                if self.zygote_gone || matches!(&event, PoolEvent::SignalSent(name) if name != "task_received") {
                     break;
                 }
             }
         }
-        // How many children to wait for, counted before the pool forgets them.
-        let expected = self.pool.len();
+        // How many children to wait for, counted before the pool forgets them (none when
+        // the zygote died: they died with it, and nobody is left to report their exits).
+        let expected = if self.zygote_gone { 0 } else { self.pool.len() };
         if how == Stop::Cold {
             // Running acks_late tasks were never acked: give them back for redelivery.
             for (_, job) in self.active.drain() {
@@ -1155,13 +1164,20 @@ impl Consumer {
         while gone < expected {
             match tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
                 Ok(Some(PoolEvent::Exited { .. })) => gone += 1,
-                Ok(Some(PoolEvent::ZygoteGone)) | Ok(None) | Err(_) => break,
+                Ok(Some(PoolEvent::ZygoteGone)) => {
+                    self.zygote_gone = true;
+                    break;
+                }
+                Ok(None) | Err(_) => break,
                 Ok(Some(_)) => {}
             }
         }
         self.events.flush();
         let (active, processed) = (self.active.len(), self.processed);
         self.events.worker(&mut self.clock, "worker-offline", active, processed);
+        if self.zygote_gone {
+            return exit_code;
+        }
         self.worker_signals.push(json!({"signal": "worker_shutdown"}));
         self.send_worker_signals().await;
         let state = json!({"revoked": self.revoked.ids(), "clock": self.clock});
