@@ -315,6 +315,23 @@ def metric(port, name):
     raise AssertionError(f"{name} not in /metrics")
 
 
+def pg_database():
+    """A PostgreSQL database of this pass's own (passes run side by side), made if missing."""
+    import psycopg2
+
+    name = f"celeriac_test_{BROKER_KIND}"
+    conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    try:
+        conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        with conn.cursor() as cur:
+            cur.execute("select 1 from pg_database where datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(f'create database "{name}"')
+    finally:
+        conn.close()
+    return name
+
+
 def only_on(*kinds):
     """Mark a test that inspects one broker's own data layout."""
     return pytest.mark.skipif(BROKER_KIND not in kinds, reason=f"inspects {' or '.join(kinds)}'s own layout")

@@ -6,21 +6,25 @@ import pytest
 from celery import chain, chord
 
 import testapp
-from conftest import producer_app
+from conftest import pg_database, producer_app
 
-DB_BACKEND = "db+postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
 
 @pytest.fixture
-def db_app(broker):
-    app = producer_app("db_producer", backend=DB_BACKEND)
+def db_backend():
+    return f"db+postgresql+psycopg2://postgres@127.0.0.1:5432/{pg_database()}"
+
+
+@pytest.fixture
+def db_app(broker, db_backend):
+    app = producer_app("db_producer", backend=db_backend)
     app.conf.result_chord_retry_interval = 0.2
     yield app
 
 
-def test_database_backend_with_chains_and_chord_unlock(worker, db_app):
-    w = worker(WORKER, env={"CELERIAC_TEST_BACKEND": DB_BACKEND}).wait_ready()
+def test_database_backend_with_chains_and_chord_unlock(worker, db_app, db_backend):
+    w = worker(WORKER, env={"CELERIAC_TEST_BACKEND": db_backend}).wait_ready()
     add, echo, fail = (db_app.signature(f"testapp.{n}") for n in ("add", "echo", "fail"))
     assert db_app.send_task("testapp.add", (1, 2)).get(timeout=15) == 3
     assert chain(add.clone((1, 2)), add.clone((3,)))().get(timeout=20) == 6

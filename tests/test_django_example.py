@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import BACKEND_URL, BROKER_KIND, BROKER_URL, ROOT
+from conftest import BACKEND_URL, BROKER_KIND, BROKER_URL, ROOT, pg_database
 
 PROJECT = ROOT / "examples" / "django_project"
 
@@ -59,11 +59,12 @@ def test_first_run_needs_no_server(worker, tmp_path):
 
 
 def test_django_on_postgresql_closes_connections_like_stock(worker, tmp_path):
+    database = pg_database()
     env = {
         "CELERY_BROKER_URL": BROKER_URL,
         "CELERY_RESULT_BACKEND": BACKEND_URL,
         "DJANGO_DB_ENGINE": "postgresql",
-        "DJANGO_DB_NAME": "test",
+        "DJANGO_DB_NAME": database,
         "CELERIAC_LOGLEVEL": "INFO",
         "CELERIAC_CONCURRENCY": "2",
     }
@@ -84,8 +85,9 @@ def test_django_on_postgresql_closes_connections_like_stock(worker, tmp_path):
         import psycopg2
 
         time.sleep(0.5)
-        with psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test") as conn, conn.cursor() as cur:
-            cur.execute("select count(*) from pg_stat_activity where application_name = 'celeriac-example'")
+        with psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as conn, conn.cursor() as cur:
+            cur.execute("select count(*) from pg_stat_activity where application_name = 'celeriac-example'"
+                        " and datname = %s", (database,))
             assert cur.fetchone()[0] == 0
     finally:
         manage("migrate", "notes", "zero", "--noinput")
