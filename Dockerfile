@@ -22,6 +22,7 @@ ENV PATH=/root/.cargo/bin:$PATH \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+COPY crates ./crates
 COPY python ./python
 RUN cargo build --release --locked
 

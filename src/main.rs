@@ -1,7 +1,8 @@
 //! celeriac: a drop-in replacement for `celery -A APP worker`.
 //!
-//! Data flow: broker (`transport`) → message (`protocol`) → scheduling and acks (`consumer`) →
-//! pool children (`pool`) → the embedded CPython runtime (`embed`, `python/celeriac`).
+//! Data flow: broker (`transport`) → message (`celeriac_protocol`, in `crates/protocol`) →
+//! scheduling and acks (`consumer`) → pool children (`pool`) → the embedded CPython runtime
+//! (`embed`, `python/celeriac`).
 
 mod beat;
 mod cli;
@@ -11,7 +12,6 @@ mod control;
 mod embed;
 mod ops;
 mod pool;
-mod protocol;
 mod transport;
 mod worker;
 

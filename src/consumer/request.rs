@@ -4,8 +4,8 @@ use chrono::Utc;
 use serde_json::Value;
 
 use crate::config::TaskOptions;
-use crate::protocol::{ChildMeta, TaskMessage};
 use crate::transport::Delivery;
+use celeriac_protocol::{ChildMeta, TaskMessage};
 
 /// A received task message with the options of its task (`celery/worker/request.py: Request`).
 #[derive(Debug)]

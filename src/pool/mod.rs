@@ -7,7 +7,6 @@ pub mod zygote;
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream as StdUnixStream;
 
-use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -17,45 +16,7 @@ use tracing::{debug, error};
 use frame::Kind;
 pub use zygote::{ExitStatus, Zygote};
 
-/// What a child reports when a job is done (`python/celeriac/child.py`).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct DoneReport {
-    /// success, failure, retry, ignored, rejected, decode_error, invalid, recorded.
-    pub outcome: String,
-    /// For `rejected`: `Reject(requeue=...)`.
-    #[serde(default)]
-    pub requeue: bool,
-    /// `saferepr` of the return value (success), for `task-succeeded`.
-    #[serde(default)]
-    pub result: Option<String>,
-    #[serde(default)]
-    pub runtime: Option<f64>,
-    /// `saferepr` of the exception and the traceback (failure, retry), for events.
-    #[serde(default)]
-    pub exception: Option<String>,
-    #[serde(default)]
-    pub traceback: Option<String>,
-    /// The child leaves after this job (`--max-tasks-per-child`, `--max-memory-per-child`).
-    #[serde(default)]
-    pub exiting: bool,
-}
-
-impl DoneReport {
-    /// A `Succeeded` frame: `f64 runtime | u8 exiting | utf-8 result repr`, the common outcome
-    /// without JSON on either side.
-    fn succeeded(payload: &[u8]) -> Option<DoneReport> {
-        let runtime = f64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
-        let exiting = *payload.get(8)? != 0;
-        let result = String::from_utf8_lossy(payload.get(9..)?).into_owned();
-        Some(DoneReport {
-            outcome: "success".into(),
-            runtime: Some(runtime),
-            result: Some(result),
-            exiting,
-            ..Default::default()
-        })
-    }
-}
+pub use celeriac_protocol::frame::DoneReport;
 
 #[derive(Debug)]
 pub enum PoolEvent {
@@ -288,24 +249,5 @@ impl Pool {
 
     pub fn zygote(&mut self) -> &mut Zygote {
         &mut self.zygote
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn succeeded_frame_decodes() {
-        // As python/celeriac/frames.py's pack_succeeded writes it (after the frame header).
-        let mut payload = 0.25f64.to_be_bytes().to_vec();
-        payload.push(1);
-        payload.extend_from_slice("'é'".as_bytes());
-        let report = DoneReport::succeeded(&payload).unwrap();
-        assert_eq!(report.outcome, "success");
-        assert_eq!(report.runtime, Some(0.25));
-        assert!(report.exiting);
-        assert_eq!(report.result.as_deref(), Some("'é'"));
-        assert!(DoneReport::succeeded(&payload[..8]).is_none());
     }
 }

@@ -4,8 +4,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::time::parse_iso8601;
-use crate::transport::Delivery;
+use crate::time::parse_iso8601;
+use crate::Delivery;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
