@@ -176,9 +176,12 @@ impl AmqpTransport {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Connect to the `attempt`-th broker of the failover list (round robin).
-    async fn connect_to(&self, attempt: usize, name: &str) -> Result<Connection, TransportError> {
-        let uri = self.uris[attempt % self.uris.len()].clone();
+    /// Connect to the `attempt`-th broker of the failover list (round robin), asking for
+    /// frames of at most `frame_max` bytes (`url::TASK_FRAME_MAX` for the connection that
+    /// consumes tasks).
+    async fn connect_to(&self, attempt: usize, name: &str, frame_max: u32) -> Result<Connection, TransportError> {
+        let mut uri = self.uris[attempt % self.uris.len()].clone();
+        uri.query.frame_max = Some(frame_max);
         let props = ConnectionProperties::default().with_connection_name(name.into());
         let mut tls = lapin::tcp::OwnedTLSConfig::default();
         if let Some(path) = &self.options.tls_ca_file {
@@ -190,7 +193,7 @@ impl AmqpTransport {
     }
 
     async fn open_session(&self, attempt: usize) -> Result<Session, TransportError> {
-        let connection = self.connect_to(attempt, "celeriac").await?;
+        let connection = self.connect_to(attempt, "celeriac", url::TASK_FRAME_MAX).await?;
         let channel = connection.create_channel().await?;
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(Session { epoch, connection, channel })
@@ -266,10 +269,11 @@ impl AmqpTransport {
     /// Connect the mailbox: the `<ns>.pidbox` fanout exchange and this node's exclusive queue,
     /// declared as kombu declares them, consumed without acks.
     async fn open_pidbox(&self, mailbox: &Mailbox, attempt: usize) -> Result<lapin::Consumer, PidboxError> {
-        let connection = self.connect_to(attempt, "celeriac-pidbox").await.map_err(|e| match e {
-            TransportError::Amqp(e) => PidboxError::Broker(e),
-            other => PidboxError::Other(other.to_string()),
-        })?;
+        let connection =
+            self.connect_to(attempt, "celeriac-pidbox", url::SMALL_FRAME_MAX).await.map_err(|e| match e {
+                TransportError::Amqp(e) => PidboxError::Broker(e),
+                other => PidboxError::Other(other.to_string()),
+            })?;
         let channel = connection.create_channel().await?;
         let transient = ExchangeDeclareOptions { durable: false, ..Default::default() };
         channel.exchange_declare(&mailbox.exchange(), ExchangeKind::Fanout, transient, FieldTable::default()).await?;
@@ -312,7 +316,7 @@ impl AmqpTransport {
         attempt: usize,
         ttl_ms: u64,
     ) -> Result<(Connection, lapin::Consumer), TransportError> {
-        let connection = self.connect_to(attempt, "celeriac-gossip").await?;
+        let connection = self.connect_to(attempt, "celeriac-gossip", url::SMALL_FRAME_MAX).await?;
         let channel = connection.create_channel().await?;
         let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel.exchange_declare("celeryev", ExchangeKind::Topic, opts, FieldTable::default()).await?;
@@ -687,7 +691,7 @@ impl Transport for AmqpTransport {
         timeout: Duration,
     ) -> Result<Vec<Value>, TransportError> {
         // A short-lived client connection of our own, as `app.control` would open.
-        let connection = self.connect_to(0, "celeriac-mingle").await?;
+        let connection = self.connect_to(0, "celeriac-mingle", url::SMALL_FRAME_MAX).await?;
         let channel = connection.create_channel().await?;
         let oid = uuid::Uuid::new_v4().to_string();
         let reply_exchange = format!("reply.{}.pidbox", mailbox.namespace);
@@ -817,7 +821,7 @@ impl Transport for AmqpTransport {
             }
         }
         *guard = None;
-        let connection = self.connect_to(0, "celeriac-beat").await?;
+        let connection = self.connect_to(0, "celeriac-beat", url::SMALL_FRAME_MAX).await?;
         let channel = connection.create_channel().await?;
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         match channel.queue_declare(name, opts, FieldTable::default()).await {

@@ -21,8 +21,14 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The largest frame we ask the broker for (bytes).
-const FRAME_MAX: u32 = 16 * 1024;
+/// The largest frame the connection that consumes tasks asks for: RabbitMQ's default limit,
+/// what stock's py-amqp asks for. A message's headers travel in one frame that cannot be
+/// split, and lapin closes a connection that receives a frame larger than it negotiated: with
+/// less, one message with large headers would cut the connection at every redelivery.
+pub const TASK_FRAME_MAX: u32 = 128 * 1024;
+/// The other connections (remote control, gossip, mingle, beat's lock) carry small messages.
+/// lapin keeps two buffers of 32 frames per connection (8 MiB resident at 128 KiB frames).
+pub const SMALL_FRAME_MAX: u32 = 16 * 1024;
 
 /// Parse one kombu AMQP URL. `heartbeat` (s) and `timeout` (ms) come from the app's settings.
 pub fn parse(url: &str, heartbeat: Option<u16>, timeout_ms: Option<u64>) -> Option<AMQPUri> {
@@ -59,13 +65,10 @@ pub fn parse(url: &str, heartbeat: Option<u16>, timeout_ms: Option<u64>) -> Opti
         scheme,
         authority: AMQPAuthority { userinfo: AMQPUserInfo { username, password }, host, port },
         vhost,
-        // lapin keeps two buffers of 32 frames per connection: at RabbitMQ's default frame_max
-        // (128 KiB) that is 8 MiB resident per connection. Typical task messages fit 16 KiB;
-        // larger ones are split into more frames, as the protocol allows.
         query: AMQPQueryString {
             heartbeat,
             connection_timeout: timeout_ms,
-            frame_max: Some(FRAME_MAX),
+            frame_max: None, // per connection: see `AmqpTransport::connect_to`
             ..Default::default()
         },
     })
