@@ -86,6 +86,7 @@ FEATURES = {
 SHARED_SCENARIOS = {
     "test_tasks.py", "test_semantics.py", "test_content_and_canvas.py", "test_backends.py", "test_bad_input.py",
     "test_pool.py", "test_signals.py", "test_limits.py", "test_queues_and_scaling.py", "test_shared_broker.py",
+    "test_crafted_messages.py",
 }
 OWN_MODULES = {"filesystem": {"test_filesystem.py"}, "sqs": {"test_sqs.py"}}
 

@@ -42,6 +42,16 @@ def v2_headers(task, task_id):
             "origin": "gen1@test", "ignore_result": False}
 
 
+def failure_of(task_id, timeout=10):
+    """The exception type stored for a task that could not run."""
+    deadline = time.monotonic() + timeout
+    result = testapp.app.AsyncResult(task_id)
+    while result.state != "FAILURE":
+        assert time.monotonic() < deadline, f"{task_id} is {result.state}, not FAILURE"
+        time.sleep(0.05)
+    return type(result.result).__name__
+
+
 def still_serving():
     assert testapp.add.delay(1, 2).get(timeout=10) == 3
 
@@ -64,7 +74,8 @@ def test_body_that_is_not_json(worker, broker):
     still_serving()
     w.wait_for("Can't decode message body")
     assert broker.unacked() == 0  # acked, as stock does, so it does not loop
-    assert testapp.app.AsyncResult(task_id).state == "PENDING"
+    # Beyond stock (PENDING forever): the failure is stored for whoever waits on the result.
+    assert failure_of(task_id) == "DecodeError"
 
 
 @only_on("redis", "filesystem", "sqs")  # crafts raw kombu envelopes (AMQP has none)
@@ -76,7 +87,7 @@ def test_unsupported_content_type_is_rejected(worker, broker):
     still_serving()
     w.wait_for("Refusing to deserialize untrusted content of type application/x-python-serialize")
     assert broker.unacked() == 0
-    assert testapp.app.AsyncResult(task_id).state == "PENDING"
+    assert failure_of(task_id) == "ContentDisallowed"
 
 
 @only_on("redis", "filesystem", "sqs")  # crafts raw kombu envelopes (AMQP has none)
@@ -108,13 +119,14 @@ def test_bad_eta_and_missing_id(worker, broker):
 @only_on("redis", "filesystem", "sqs")  # crafts raw kombu envelopes (AMQP has none)
 def test_kwargs_not_a_mapping_is_reported_as_stock_does(worker, broker):
     # Stock: the tracer raises InvalidTaskError outside the task body, logs it as an internal
-    # error and stores nothing (the result stays PENDING); the message is acked.
+    # error and stores nothing (the result stays PENDING); the message is acked. celeriac also
+    # stores the failure.
     w = worker(WORKER).wait_ready()
     task_id = str(uuid.uuid4())
     broker.put_raw("celery", envelope(b'[[1, 2], "kwargs should be a map", {}]', v2_headers("testapp.add", task_id)))
     still_serving()
     w.wait_for("Task keyword arguments is not a mapping")
-    assert testapp.app.AsyncResult(task_id).state == "PENDING"
+    assert failure_of(task_id) == "InvalidTaskError"
     assert broker.unacked() == 0
 
 

@@ -50,6 +50,14 @@ def _loads_meta(raw):
     return json.loads(raw)
 
 
+# Exceptions the tracer raised outside the task body, by task id (`task_internal_error`).
+_internal_errors = {}
+
+
+def _note_internal_error(sender=None, task_id=None, exception=None, **kwargs):
+    _internal_errors[task_id] = exception
+
+
 class _MessageShim:
     """What ``hybrid_to_proto2`` reads of a kombu Message."""
 
@@ -152,15 +160,24 @@ class Child:
         except DecodeError as exc:
             logger.critical(MESSAGE_DECODE_ERROR, exc, content_type, content_encoding,
                             request, _dump_body(body), exc_info=True)
+            # Beyond stock (which leaves the result PENDING forever): the caller gets the error.
+            self._store_failure(task_id, name, request, exc)
             return {"outcome": "decode_error", "runtime": 0.0}
         except (ContentDisallowed, cexc.InvalidTaskError) as exc:
             logger.error(INVALID_TASK_ERROR, exc, exc_info=True)
+            self._store_failure(task_id, name, request, exc)
             return {"outcome": "invalid", "runtime": 0.0}
         except Exception as exc:  # outside the task body: stock's Request.on_failure path
             logger.error("Task handler raised error: %r", exc, exc_info=True)
             self._store_failure(task_id, name, request, exc)
             return {"outcome": "failure", "runtime": 0.0}
+        refused = _internal_errors.pop(task_id, None)
         if not failed:
+            if refused is not None:
+                # The tracer gave up before the task ran (kwargs not a mapping, ...) and, as
+                # stock, reports success with nothing stored; celeriac stores the failure.
+                self._store_failure(task_id, name, request, refused)
+                return self._failure_report(None, refused, runtime)
             return {"outcome": "success", "runtime": runtime, "result": retval}
         exc = getattr(retval, "exception", None)
         if isinstance(exc, ExceptionWithTraceback):
@@ -217,6 +234,10 @@ class Child:
                 self._record_cancelled(job)
             elif reason == "time_limit":
                 self._record_time_limit(job)
+            elif reason == "invalid":
+                kind = ContentDisallowed if job.get("exception") == "ContentDisallowed" else cexc.InvalidTaskError
+                self._store_failure(job["id"], job.get("name"), dict(vars(self._context(job))),
+                                    kind(job.get("detail") or "invalid task message"))
             else:
                 logger.error("celeriac: unknown outcome record %r", reason)
         except Exception:
@@ -228,8 +249,9 @@ class Child:
         from celery.app.task import Context
 
         meta = job.get("meta") or {}
-        request = dict(meta.get("headers") or {})
-        request.update(meta.get("extras") or {})
+        headers, extras = meta.get("headers"), meta.get("extras")
+        request = dict(headers) if isinstance(headers, dict) else {}
+        request.update(extras if isinstance(extras, dict) else {})
         return Context(request)
 
     def _record_unregistered(self, job):
@@ -319,6 +341,10 @@ class Child:
 def run(fd, index, app, hostname, options):
     """Body of a forked child; returns the process exit code."""
     import signal
+
+    from celery import signals
+
+    signals.task_internal_error.connect(_note_internal_error, weak=False)
 
     multiprocessing.current_process().name = f"ForkPoolWorker-{index}"
     sock = socket.socket(fileno=fd)

@@ -298,12 +298,11 @@ impl Consumer {
             return self.on_unknown_task(delivery, message);
         };
         if !self.settings.accepts(&delivery.content_type) {
-            error!(
-                "Received invalid task message: Refusing to deserialize untrusted content of type {} \
-                 (content type not in accept_content)\nThe message has been ignored and discarded.",
+            let detail = format!(
+                "Refusing to deserialize untrusted content of type {} (content type not in accept_content)",
                 delivery.content_type
             );
-            return self.settle(Settle::Reject(delivery.tag), true);
+            return self.reject_invalid(delivery, &detail, Some(message.id), Some(message.name), "ContentDisallowed");
         }
         info!(task_id = %message.id, task = %message.name, state = "RECEIVED", "Task {}[{}] received", message.display_name(), message.id);
         self.metrics.task(&message.name, "received");
@@ -479,10 +478,38 @@ impl Consumer {
                 );
                 self.settle(Settle::Ack(delivery.tag), true);
             }
-            MessageError::Invalid(detail) => {
-                error!("Received invalid task message: {detail}\nThe message has been ignored and discarded.");
-                self.settle(Settle::Reject(delivery.tag), true);
+            MessageError::Invalid { detail, id, name } => {
+                self.reject_invalid(delivery, &detail, id, name, "InvalidTaskError")
             }
+        }
+    }
+
+    /// `Consumer.on_invalid_task`: log and reject. Beyond stock, which leaves the result
+    /// PENDING forever, the failure (`exception`: InvalidTaskError or ContentDisallowed) is
+    /// stored for whoever waits on it when the message names its task id.
+    fn reject_invalid(
+        &mut self,
+        delivery: Delivery,
+        detail: &str,
+        id: Option<String>,
+        name: Option<String>,
+        exception: &str,
+    ) {
+        let task = format!("{}[{}]", name.as_deref().unwrap_or("?"), id.as_deref().unwrap_or("no id"));
+        error!("Received invalid task message {task}: {detail}\nThe message has been ignored and discarded.");
+        self.settle(Settle::Reject(delivery.tag.clone()), true);
+        if let Some(id) = id {
+            self.ready.push_back(Job::Record(json!({
+                "reason": "invalid",
+                "exception": exception,
+                "id": id,
+                "name": name,
+                "detail": detail,
+                "meta": {"headers": delivery.headers, "extras": {
+                    "correlation_id": delivery.properties.get("correlation_id"),
+                    "reply_to": delivery.properties.get("reply_to"),
+                }},
+            })));
         }
     }
 

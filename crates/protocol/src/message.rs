@@ -22,9 +22,16 @@ pub enum MessageError {
     /// The body could not be decoded: logged critical and acked.
     #[error("can't decode message body: {0}")]
     Decode(String),
-    /// `InvalidTaskError`: logged and rejected (no requeue).
-    #[error("invalid task message: {0}")]
-    Invalid(String),
+    /// `InvalidTaskError`: logged and rejected (no requeue). The task's id and name, where the
+    /// message has them, so the failure can be stored for whoever waits on the result.
+    #[error("invalid task message: {detail}")]
+    Invalid { detail: String, id: Option<String>, name: Option<String> },
+}
+
+impl MessageError {
+    fn invalid(detail: String, id: Option<&str>, name: Option<&str>) -> Self {
+        MessageError::Invalid { detail, id: id.map(str::to_owned), name: name.map(str::to_owned) }
+    }
 }
 
 /// The fields of a task message the supervisor acts on.
@@ -67,8 +74,10 @@ impl TaskMessage {
             }
         };
         if let Some(task) = headers.get("task") {
-            let name =
-                task.as_str().ok_or_else(|| MessageError::Invalid(format!("task name is not a string: {task}")))?;
+            let name = task.as_str().ok_or_else(|| {
+                let id = headers.get("id").and_then(Value::as_str);
+                MessageError::invalid(format!("task name is not a string: {task}"), id, None)
+            })?;
             return Self::from_fields(Protocol::V2, name, headers);
         }
         // Protocol v1: everything is in the body, which must be decoded here to find the name.
@@ -89,25 +98,28 @@ impl TaskMessage {
         let id = match f.get("id") {
             Some(Value::String(s)) => s.clone(),
             Some(other) if !other.is_null() => other.to_string(),
-            _ => return Err(MessageError::Invalid(format!("task {name} has no id"))),
+            _ => return Err(MessageError::invalid(format!("task {name} has no id"), None, Some(name))),
         };
         let when = |key: &str| -> Result<Option<DateTime<Utc>>, MessageError> {
             match f.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => parse_iso8601(s)
                     .map(Some)
-                    .ok_or_else(|| MessageError::Invalid(format!("invalid {key} value {s:?}"))),
-                Some(other) => Err(MessageError::Invalid(format!("invalid {key} value {other}"))),
+                    .ok_or_else(|| MessageError::invalid(format!("invalid {key} value {s:?}"), Some(&id), Some(name))),
+                Some(other) => {
+                    Err(MessageError::invalid(format!("invalid {key} value {other}"), Some(&id), Some(name)))
+                }
             }
         };
+        let (eta, expires) = (when("eta")?, when("expires")?);
         let text = |key: &str| f.get(key).and_then(Value::as_str).map(str::to_owned);
         Ok(TaskMessage {
             protocol,
             name: name.to_owned(),
             id,
             shadow: text("shadow"),
-            eta: when("eta")?,
-            expires: when("expires")?,
+            eta,
+            expires,
             root_id: text("root_id"),
             timelimit: timelimit(f.get("timelimit")),
             parent_id: text("parent_id"),
@@ -262,11 +274,11 @@ mod tests {
         let d = delivery(json!({}), b"[1, 2]", "application/json");
         assert!(matches!(TaskMessage::parse(&d), Err(MessageError::UnknownFormat(_))));
         let d = delivery(json!({"task": "a", "id": "1", "eta": "soon"}), b"[]", "application/json");
-        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid(_))));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid { .. })));
         let d = delivery(json!({"task": "a"}), b"[]", "application/json");
-        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid(_))));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid { .. })));
         let d = delivery(json!({"task": 5, "id": "1"}), b"[]", "application/json");
-        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid(_))));
+        assert!(matches!(TaskMessage::parse(&d), Err(MessageError::Invalid { .. })));
     }
 
     #[test]
