@@ -19,7 +19,7 @@ use crate::ops::{banner, http, logging, pidfile::Pidfile, signals};
 use crate::pool::{zygote, Pool};
 use crate::transport::amqp::{AmqpOptions, AmqpTransport};
 use crate::transport::filesystem::{FilesystemOptions, FilesystemTransport};
-use crate::transport::redis::{RedisOptions, RedisTransport};
+use crate::transport::redis::{RedisOptions, RedisTls, RedisTransport};
 use crate::transport::sqs::{SqsOptions, SqsTransport};
 use crate::transport::{Transport, TransportError};
 
@@ -175,8 +175,12 @@ enum Role {
 async fn connect_and_run(app: &AppInfo, role: Role) -> i32 {
     let scheme = app.broker_url.split("://").next().unwrap_or("");
     match scheme {
-        "redis" | "redis+socket" | "unix" => {
-            let opts = RedisOptions::from_transport_options(&app.conf.broker_transport_options);
+        "redis" | "rediss" | "redis+socket" | "unix" => {
+            let mut opts = RedisOptions::from_transport_options(&app.conf.broker_transport_options);
+            opts.tls = RedisTls::from_kombu(&app.broker_url, app.broker_connection.get("ssl"));
+            if opts.tls.as_ref().is_some_and(|t| !t.verify) {
+                warn!("TLS to the Redis broker without certificate verification (ssl_cert_reqs=CERT_NONE)");
+            }
             let connected = with_retries(app, || RedisTransport::connect(&app.broker_url, opts.clone())).await;
             run_role(connected, app, role).await
         }

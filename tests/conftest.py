@@ -333,6 +333,26 @@ def pg_database():
     return name
 
 
+@pytest.fixture
+def test_ca(tmp_path):
+    """A CA of the test's own and a server certificate it signed for 127.0.0.1 and localhost:
+    (ca.pem, server.pem, server.key)."""
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is needed for the TLS tests (.ci/run installs it)")
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=celeriac test CA")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return ca, cert, key
+
+
 def only_on(*kinds):
     """Mark a test that inspects one broker's own data layout."""
     return pytest.mark.skipif(BROKER_KIND not in kinds, reason=f"inspects {' or '.join(kinds)}'s own layout")

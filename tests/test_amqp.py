@@ -160,22 +160,14 @@ def test_without_cancel_a_running_acks_late_task_finishes_and_runs_again(worker,
 
 
 @pytest.fixture
-def tls_proxy(tmp_path):
+def tls_proxy(test_ca):
     """A TLS endpoint in front of RabbitMQ (socat), with a certificate from a CA of our own."""
     import shutil
     import socket
 
-    if not shutil.which("socat") or not shutil.which("openssl"):
-        pytest.fail("socat and openssl are needed for the amqps test (.ci/run installs them)")
-    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
-    ext = tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
-        "-days", "2", "-subj", "/CN=celeriac test CA")
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    if not shutil.which("socat"):
+        pytest.fail("socat is needed for the amqps test (.ci/run installs it)")
+    ca, cert, key = test_ca
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

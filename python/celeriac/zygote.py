@@ -167,7 +167,10 @@ def bootstrap_info(app, hostname, options):
         "broker_url": ";".join(conn.alt) if conn.alt else conn.as_uri(include_password=True),
         "broker_display": conn.as_uri(),
         "broker_connection": {"userid": conn.userid, "password": conn.password, "hostname": conn.hostname,
-                              "port": conn.port},
+                              "port": conn.port,
+                              # TLS as kombu settled it (URL query, else broker_use_ssl; rediss://
+                              # without options is CERT_NONE, with kombu's warning).
+                              "ssl": _json_safe(conn.ssl) if conn.ssl else None},
         "transport": conn.transport_cls if isinstance(conn.transport_cls, str) else str(conn.transport_cls),
         "result_backend": backend_uri,
         "queues": queues,

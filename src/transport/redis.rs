@@ -108,6 +108,8 @@ pub struct RedisOptions {
     pub unacked_mutex_expire: u64,
     /// Seconds between sweeps for messages whose worker died (kombu: 10 s × throttle 10).
     pub restore_interval: f64,
+    /// TLS (`rediss://`, `broker_use_ssl`); set by the worker from the zygote's report.
+    pub tls: Option<RedisTls>,
 }
 
 impl RedisOptions {
@@ -122,6 +124,7 @@ impl RedisOptions {
             unacked_mutex_key: text("unacked_mutex_key", "unacked_mutex"),
             unacked_mutex_expire: num("unacked_mutex_expire", 300.0) as u64,
             restore_interval: num("unacked_restore_interval", 10.0) * num("unacked_restore_throttle", 10.0),
+            tls: None,
         }
     }
 }
@@ -153,6 +156,77 @@ fn to_client_url(url: &str) -> String {
         return format!("redis+unix://{rest}");
     }
     url.to_owned()
+}
+
+/// TLS to Redis, as kombu sets it up: for `rediss://`, or `redis://` with `broker_use_ssl`,
+/// from the `ssl` options kombu's connection settled on (`ssl_cert_reqs`, `ssl_ca_certs`,
+/// `ssl_certfile`, `ssl_keyfile`), which the zygote reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisTls {
+    /// Verify the server's certificate and host name (`ssl_cert_reqs` other than CERT_NONE).
+    pub verify: bool,
+    /// PEM file of the CAs to trust; without one, the system's roots.
+    pub ca_certs: Option<String>,
+    /// A client certificate and its key (PEM), for servers that ask for one.
+    pub certfile: Option<String>,
+    pub keyfile: Option<String>,
+}
+
+impl RedisTls {
+    /// `None`: plain TCP. `ssl` is kombu's `Connection.ssl`: a mapping, `true`, or nothing.
+    pub fn from_kombu(url: &str, ssl: Option<&Value>) -> Option<RedisTls> {
+        let options = match ssl {
+            Some(Value::Object(m)) => m.clone(),
+            Some(Value::Bool(true)) => Map::new(),
+            // kombu: `rediss` without ssl options means CERT_NONE (it warns).
+            _ if url.starts_with("rediss://") => return Some(RedisTls::default()),
+            _ => return None,
+        };
+        // CERT_NONE, CERT_OPTIONAL, CERT_REQUIRED are 0, 1, 2; redis-py requires by default.
+        let verify = match options.get("ssl_cert_reqs") {
+            None | Some(Value::Null) => true,
+            Some(Value::Number(n)) => n.as_i64() != Some(0),
+            Some(Value::String(s)) => !matches!(s.as_str(), "CERT_NONE" | "none"),
+            Some(_) => true,
+        };
+        let path = |k: &str| options.get(k).and_then(Value::as_str).map(str::to_owned);
+        Some(RedisTls {
+            verify,
+            ca_certs: path("ssl_ca_certs"),
+            certfile: path("ssl_certfile"),
+            keyfile: path("ssl_keyfile"),
+        })
+    }
+}
+
+/// A client for `url`, over TLS when `tls` says so.
+fn open_client(url: &str, tls: Option<&RedisTls>) -> Result<redis::Client, TransportError> {
+    let url = to_client_url(url);
+    let Some(tls) = tls else {
+        return Ok(redis::Client::open(url)?);
+    };
+    let base = match url.split_once("://") {
+        Some((_, rest)) => format!("rediss://{}", rest.split(['?', '#']).next().unwrap_or(rest)),
+        None => return Err(TransportError::UnsupportedUrl(url)),
+    };
+    if !tls.verify {
+        return Ok(redis::Client::open(format!("{base}#insecure"))?);
+    }
+    let read = |what: &str, path: &str| {
+        std::fs::read(path).map_err(|e| TransportError::Tls(format!("cannot read {what} {path}: {e}")))
+    };
+    let root_cert = tls.ca_certs.as_deref().map(|p| read("ssl_ca_certs", p)).transpose()?;
+    let client_tls = match (&tls.certfile, &tls.keyfile) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("ssl_certfile", cert)?,
+            client_key: read("ssl_keyfile", key)?,
+        }),
+        _ => None,
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(redis::Client::open(base)?); // the system's roots
+    }
+    Ok(redis::Client::build_with_tls(base, redis::TlsCertificates { client_tls, root_cert })?)
 }
 
 fn now_secs() -> f64 {
@@ -207,7 +281,7 @@ fn envelope_priority(envelope_props: &Map<String, Value>) -> u8 {
 
 impl RedisTransport {
     pub async fn connect(url: &str, opts: RedisOptions) -> Result<Self, TransportError> {
-        let client = redis::Client::open(to_client_url(url))?;
+        let client = open_client(url, opts.tls.as_ref())?;
         // Bounded waits: a command on a connection that went silent fails (and reconnects)
         // instead of holding up acks, and with them the prefetch window, for good.
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -971,6 +1045,27 @@ impl Transport for RedisTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_as_kombu_settles_it() {
+        use serde_json::json;
+        assert_eq!(RedisTls::from_kombu("redis://h/0", None), None);
+        // rediss:// without options: CERT_NONE, as kombu.
+        assert_eq!(RedisTls::from_kombu("rediss://h/0", None), Some(RedisTls::default()));
+        let ssl = json!({"ssl_cert_reqs": 2, "ssl_ca_certs": "/ca.pem"});
+        let tls = RedisTls::from_kombu("rediss://h/0", Some(&ssl)).unwrap();
+        assert!(tls.verify);
+        assert_eq!(tls.ca_certs.as_deref(), Some("/ca.pem"));
+        // broker_use_ssl on a redis:// URL turns TLS on too; redis-py requires by default.
+        let tls = RedisTls::from_kombu("redis://h/0", Some(&json!({"ssl_certfile": "c", "ssl_keyfile": "k"}))).unwrap();
+        assert!(tls.verify && tls.certfile.is_some() && tls.keyfile.is_some());
+        for none in
+            [json!({"ssl_cert_reqs": 0}), json!({"ssl_cert_reqs": "none"}), json!({"ssl_cert_reqs": "CERT_NONE"})]
+        {
+            assert!(!RedisTls::from_kombu("rediss://h/0", Some(&none)).unwrap().verify);
+        }
+        assert!(RedisTls::from_kombu("rediss://h/0", Some(&json!({"ssl_cert_reqs": 1}))).unwrap().verify);
+    }
 
     #[test]
     fn priority_steps_round_down() {
