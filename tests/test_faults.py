@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -247,6 +248,7 @@ class CuttingProxy:
         self.pairs, self.lock = [], threading.Lock()
         self.refuse_until = 0.0
         self.closed = False
+        self.armed = None  # see lose_reply_to
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -265,14 +267,20 @@ class CuttingProxy:
                 continue
             with self.lock:
                 self.pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            state = {"swallow": False}
+            for a, b, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, replies, state), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst, replies, state):
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not replies and self.armed and self.armed in data:
+                    # This command reaches the broker, its reply never comes back; then the cut.
+                    self.armed = None
+                    state["swallow"] = True
+                    threading.Timer(0.3, self.cut).start()
+                if not (replies and state["swallow"]):
+                    dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
@@ -280,6 +288,11 @@ class CuttingProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def lose_reply_to(self, marker: bytes):
+        """The next command that contains `marker` reaches the broker, which runs it, but its
+        reply is dropped and the connections are cut: a connection lost at the worst moment."""
+        self.armed = marker
 
     def cut(self, refuse_for=0.0):
         self.refuse_until = time.monotonic() + refuse_for
@@ -335,3 +348,119 @@ def test_broker_connection_cut_under_load(worker, broker, backend, cutting_proxy
         time.sleep(0.1)
     assert testapp.add.delay(1, 1).get(timeout=10) == 2
     assert w.proc.poll() is None
+
+
+@pytest.mark.skipif(BROKER_KIND != "redis", reason="Redis: a take is a script the broker may run without us hearing")
+def test_takes_whose_reply_was_lost_are_taken_up_again(worker, broker, backend, cutting_proxy):
+    """A batch the broker took for the worker (popped, recorded as unacked) whose reply never
+    arrived is taken up again as soon as the worker reconnects, not after the visibility
+    timeout (an hour here)."""
+    url = BROKER_URL.replace(f":{REDIS_PORT}/", f":{cutting_proxy.port}/")
+    env = {"CELERIAC_TEST_BROKER": url, "TESTAPP_TRANSPORT_OPTIONS": json.dumps({"visibility_timeout": 3600})}
+    w = worker(WORKER, env=env).wait_ready()
+    ledger = Ledger(backend)
+    ledger.send(testapp.ledger, 1500, 0.002)
+    for i in range(3):
+        ledger.wait_runs(300 * (i + 1))
+        cutting_proxy.lose_reply_to(b"celeriac.taken.")  # the receipt key: only takes name it
+        deadline = time.monotonic() + 10
+        while cutting_proxy.armed:
+            assert time.monotonic() < deadline, "no take went through the proxy"
+            time.sleep(0.01)
+    ledger.wait_done(all_succeeded, timeout=60)
+    assert w.log().count("whose take was cut off with the connection") == 3
+    assert broker.unacked() == 0
+
+
+class RestartableBroker:
+    """The broker, stopped and started again under the worker: RabbitMQ's application on this
+    node (durable queues and persistent messages survive it), or a Redis server of the test's
+    own that keeps its data in an append-only file, as a production Redis broker would."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.server = None
+        if BROKER_KIND == "amqp":
+            self.url = BROKER_URL
+        else:
+            self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            self._start_redis()
+
+    def _start_redis(self):
+        import redis
+
+        self.server = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.tmp_path),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis(port=self.port).ping()
+                return
+            except redis.exceptions.ConnectionError:
+                assert self.server.poll() is None and time.monotonic() < deadline, "Redis did not start"
+                time.sleep(0.05)
+
+    def stop(self):
+        if BROKER_KIND == "amqp":
+            subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+        else:
+            self.server.terminate()  # SIGTERM: Redis syncs its append-only file and exits
+            self.server.wait(20)
+
+    def start(self):
+        if BROKER_KIND == "amqp":
+            subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+            subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True, timeout=120)
+        else:
+            self._start_redis()
+
+    def close(self):
+        if BROKER_KIND == "amqp":
+            self.start()  # never leave the node stopped for the tests after this one
+        elif self.server and self.server.poll() is None:
+            self.server.terminate()
+            self.server.wait(20)
+
+
+@pytest.fixture
+def restartable_broker(tmp_path):
+    b = RestartableBroker(tmp_path)
+    yield b
+    b.close()
+
+
+def test_broker_restarted_under_load(worker, broker, backend, restartable_broker):
+    """Fault 3. The broker itself stopped and started again, twice, under load: the worker
+    reports not ready while it is down, reconnects with back-off, and every task runs (at
+    least once: acks lost with the old connection mean second runs)."""
+    from conftest import producer_app
+
+    env = dict(FAST_RESTORE, CELERIAC_TEST_BROKER=restartable_broker.url)
+    port = free_port()
+    w = worker(WORKER + ["--http-port", str(port), "--http-bind", "127.0.0.1"], env=env).wait_ready()
+    producer = producer_app("restart_producer")
+    producer.conf.broker_url = restartable_broker.url
+    ledger = Ledger(backend)
+    with producer.producer_or_acquire() as p:
+        ledger.ids = [producer.send_task("testapp.ledger", (ledger.key, 0.003), producer=p).id for _ in range(1500)]
+    producer.close()
+    for i in range(2):
+        ledger.wait_runs(400 * (i + 1))
+        restartable_broker.stop()
+        deadline = time.monotonic() + 10
+        while http_get(port, "/readyz")[0] != 503:
+            assert time.monotonic() < deadline, "/readyz still ready with the broker stopped"
+            time.sleep(0.05)
+        time.sleep(1)
+        restartable_broker.start()
+    ledger.wait_done(all_succeeded, timeout=180)
+    assert all(n >= 1 for n in ledger.runs().values()) and len(ledger.runs()) == len(ledger.ids)
+    deadline = time.monotonic() + 20
+    while http_get(port, "/readyz")[0] != 200:
+        assert time.monotonic() < deadline, "/readyz not ready again after the broker came back"
+        time.sleep(0.1)
+    assert w.proc.poll() is None
+    assert "Trying to re-establish the connection" in w.log() or "reconnect" in w.log().lower()

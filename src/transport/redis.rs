@@ -28,14 +28,17 @@ const BRPOP_TIMEOUT: f64 = 1.0;
 /// Most messages one `TAKE_SCRIPT` call takes (bounded by the free prefetch slots).
 const TAKE_BATCH: usize = 64;
 
-/// Take up to ARGV[1] waiting messages from the queue lists KEYS[3..] (in BRPOP's order) and
+/// Take up to ARGV[1] waiting messages from the queue lists KEYS[4..] (in BRPOP's order) and
 /// record each kombu envelope as unacked (KEYS[1] hash, KEYS[2] index, score ARGV[2]) in the
 /// same atomic step: one round trip for a batch, and no window in which a message popped but not
 /// yet recorded can be lost (kombu's BRPOP-then-HSET has one). Returns key, envelope, recorded
-/// tag ('' when the envelope is not one we can record here) for each message.
+/// tag ('' when the envelope is not one we can record here) for each message. The batch's keys
+/// and tags are also left in this worker's receipt (KEYS[3], under token ARGV[3]): if the reply
+/// is lost with the connection, the worker takes the batch up again from the unacked records
+/// (`RECOVER_SCRIPT`) instead of leaving it there until the visibility timeout.
 const TAKE_SCRIPT: &str = r"
-local out, want = {}, tonumber(ARGV[1])
-for i = 3, #KEYS do
+local out, want, receipt = {}, tonumber(ARGV[1]), {ARGV[3]}
+for i = 4, #KEYS do
     while #out < want * 3 do
         local raw = redis.call('RPOP', KEYS[i])
         if not raw then break end
@@ -52,6 +55,7 @@ for i = 3, #KEYS do
                 redis.call('ZADD', KEYS[2], ARGV[2], tag)
                 redis.call('HSET', KEYS[1], tag,
                     '[' .. raw .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(info.routing_key) .. ']')
+                receipt[#receipt + 1] = KEYS[i] .. '\t' .. tag
             end
         end
         out[#out + 1] = KEYS[i]
@@ -59,6 +63,36 @@ for i = 3, #KEYS do
         out[#out + 1] = tag
     end
 end
+if #receipt > 1 then
+    redis.call('SET', KEYS[3], table.concat(receipt, '\n'), 'EX', 600)
+end
+return out
+";
+
+/// The batch of a take whose reply was lost (receipt KEYS[3] under token ARGV[1]): the unacked
+/// record of each message still there (no sweep gave it back meanwhile) is refreshed (score
+/// ARGV[2], so no sweep takes it now) and returned: key, stored record, tag for each.
+const RECOVER_SCRIPT: &str = r"
+local receipt = redis.call('GET', KEYS[3])
+if not receipt then return {} end
+local out, first = {}, true
+for line in string.gmatch(receipt, '[^\n]+') do
+    if first then
+        if line ~= ARGV[1] then return {} end
+        first = false
+    else
+        local sep = string.find(line, '\t', 1, true)
+        local key, tag = string.sub(line, 1, sep - 1), string.sub(line, sep + 1)
+        local stored = redis.call('HGET', KEYS[1], tag)
+        if stored then
+            redis.call('ZADD', KEYS[2], ARGV[2], tag)
+            out[#out + 1] = key
+            out[#out + 1] = stored
+            out[#out + 1] = tag
+        end
+    end
+end
+redis.call('DEL', KEYS[3])
 return out
 ";
 
@@ -145,6 +179,9 @@ pub struct RedisTransport {
     held: Mutex<HashMap<String, Held>>,
     restore: Script,
     take: Script,
+    recover: Script,
+    /// Where this worker's takes leave their receipt (`TAKE_SCRIPT`).
+    receipt_key: String,
     consuming: std::sync::atomic::AtomicBool,
     shared_ok: std::sync::atomic::AtomicBool,
     connections: std::sync::atomic::AtomicU64,
@@ -292,6 +329,7 @@ impl RedisTransport {
             // start-up retries decide), and a later failure reconnects on the next command.
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let receipt_key = format!("{}celeriac.taken.{}", opts.global_keyprefix, uuid::Uuid::new_v4());
         Ok(RedisTransport {
             client,
             conn,
@@ -299,6 +337,8 @@ impl RedisTransport {
             held: Mutex::new(HashMap::new()),
             restore: Script::new(RESTORE_SCRIPT),
             take: Script::new(TAKE_SCRIPT),
+            recover: Script::new(RECOVER_SCRIPT),
+            receipt_key,
             consuming: Default::default(),
             shared_ok: std::sync::atomic::AtomicBool::new(true),
             connections: Default::default(),
@@ -335,25 +375,60 @@ impl RedisTransport {
 
     /// Take up to `max` waiting messages from `keys` (full key names, BRPOP's order) and record
     /// them as unacked in one atomic step (`TAKE_SCRIPT`): (key, envelope, recorded tag).
+    /// `token` names the take in the receipt it leaves (see `recover_take`).
     async fn take_waiting(
         &self,
         c: &mut MultiplexedConnection,
         keys: &[String],
         max: usize,
+        token: &str,
     ) -> Result<Vec<(String, String, Option<String>)>, TransportError> {
         let flat: Vec<String> = self
             .take
             .key(self.key(&self.opts.unacked_key))
             .key(self.key(&self.opts.unacked_index_key))
+            .key(&self.receipt_key)
             .key(keys)
             .arg(max)
             .arg(now_secs())
+            .arg(token)
             .invoke_async(c)
             .await?;
         let mut taken = Vec::with_capacity(flat.len() / 3);
         let mut parts = flat.into_iter();
         while let (Some(key), Some(raw), Some(tag)) = (parts.next(), parts.next(), parts.next()) {
             taken.push((key, raw, Some(tag).filter(|t| !t.is_empty())));
+        }
+        Ok(taken)
+    }
+
+    /// The take named `token` failed without a reply: if Redis ran it, its messages are
+    /// recorded as unacked and nobody has them. Take them up again from those records (an
+    /// empty list when the take never ran).
+    async fn recover_take(
+        &self,
+        c: &mut MultiplexedConnection,
+        token: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, TransportError> {
+        let flat: Vec<String> = self
+            .recover
+            .key(self.key(&self.opts.unacked_key))
+            .key(self.key(&self.opts.unacked_index_key))
+            .key(&self.receipt_key)
+            .arg(token)
+            .arg(now_secs())
+            .invoke_async(c)
+            .await?;
+        let mut taken = Vec::with_capacity(flat.len() / 3);
+        let mut parts = flat.into_iter();
+        while let (Some(key), Some(stored), Some(tag)) = (parts.next(), parts.next(), parts.next()) {
+            // The record is `[envelope, exchange, routing_key]` (`record_unacked`).
+            match serde_json::from_str::<Value>(&stored) {
+                Ok(Value::Array(mut record)) if !record.is_empty() => {
+                    taken.push((key, record.swap_remove(0).to_string(), Some(tag)))
+                }
+                _ => warn!("Could not read the unacked record of {tag}; the visibility timeout brings it back"),
+            }
         }
         Ok(taken)
     }
@@ -455,9 +530,13 @@ impl RedisTransport {
         let mut conn = self.conn.clone();
         let oldest: Result<Vec<(String, f64)>, _> =
             conn.zrange_withscores(self.key(&self.opts.unacked_index_key), 0, 0).await;
-        let due = match oldest.ok().and_then(|o| o.into_iter().next()) {
-            Some((_, score)) => score + self.opts.visibility_timeout - now_secs(),
-            None => interval,
+        let due = match oldest {
+            Ok(o) => match o.into_iter().next() {
+                Some((_, score)) => score + self.opts.visibility_timeout - now_secs(),
+                None => interval,
+            },
+            // The broker is out of reach: look again soon, not a whole interval later.
+            Err(_) => 1.0,
         };
         Duration::from_secs_f64(due.clamp(1.0, interval))
     }
@@ -674,6 +753,8 @@ impl Transport for RedisTransport {
             let mut conn: Option<MultiplexedConnection> = None;
             let mut client_id: Option<i64> = None;
             let mut backoff = Duration::from_millis(100);
+            // A take that failed without a reply (see `recover_take`).
+            let mut unconfirmed_take: Option<String> = None;
             loop {
                 if *stop.borrow() {
                     return;
@@ -718,6 +799,30 @@ impl Transport for RedisTransport {
                     continue;
                 }
                 let Some(c) = conn.as_mut() else { continue };
+                if let Some(token) = unconfirmed_take.take() {
+                    match self.recover_take(c, &token).await {
+                        Ok(recovered) if !recovered.is_empty() => {
+                            warn!("Took up {} message(s) whose take was cut off with the connection", recovered.len());
+                            drop(permit);
+                            for (key, raw, recorded) in recovered {
+                                let Ok(permit) = window.clone().acquire_owned().await else { return };
+                                match self.hand_over(c, &key, raw, recorded, &mut names, &deliveries).await {
+                                    Handed::Delivered => permit.forget(),
+                                    Handed::ConsumerGone => return,
+                                    Handed::Skipped | Handed::Unrecorded => {}
+                                }
+                            }
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            unconfirmed_take = Some(token);
+                            self.connection_lost(&e);
+                            conn = None;
+                            continue;
+                        }
+                    }
+                }
                 let keys = brpop_keys(&self.opts.global_keyprefix, &names);
                 // Every free prefetch slot, for one batched take of what is already waiting.
                 let mut permits = vec![permit];
@@ -727,9 +832,12 @@ impl Transport for RedisTransport {
                         Err(_) => break,
                     }
                 }
-                let taken = match self.take_waiting(c, &keys, permits.len()).await {
+                let token = uuid::Uuid::new_v4().to_string();
+                let taken = match self.take_waiting(c, &keys, permits.len(), &token).await {
                     Ok(t) => t,
                     Err(e) => {
+                        // Redis may have run it: look for its receipt once reconnected.
+                        unconfirmed_take = Some(token);
                         self.connection_lost(&e);
                         conn = None;
                         continue;
