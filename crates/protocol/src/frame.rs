@@ -81,9 +81,11 @@ pub fn payload_len(head: [u8; 4]) -> Result<usize, FrameError> {
     Ok(len - 1)
 }
 
-/// Split the first whole frame off `buf`: its kind, its payload and the rest; `Ok(None)` when
-/// `buf` does not hold a whole frame yet.
-pub fn split(buf: &[u8]) -> Result<Option<(Kind, &[u8], &[u8])>, FrameError> {
+/// A frame split off a buffer: its kind, its payload, and the bytes after it.
+pub type Split<'a> = (Kind, &'a [u8], &'a [u8]);
+
+/// Split the first whole frame off `buf`; `Ok(None)` when `buf` does not hold a whole frame yet.
+pub fn split(buf: &[u8]) -> Result<Option<Split<'_>>, FrameError> {
     let Some((head, rest)) = buf.split_first_chunk::<4>() else {
         return Ok(None);
     };
