@@ -464,3 +464,96 @@ def test_broker_restarted_under_load(worker, broker, backend, restartable_broker
         time.sleep(0.1)
     assert w.proc.poll() is None
     assert "Trying to re-establish the connection" in w.log() or "reconnect" in w.log().lower()
+
+
+def test_faulty_tasks_among_a_load(worker, broker, backend):
+    """Fault 4. Among 1,200 ordinary tasks: tasks that leak memory (the child is recycled past
+    --max-memory-per-child), hang (the hard time limit kills them), segfault in C code, and
+    leave processes behind that outlive them. Each faulty task ends as stock ends it, every
+    ordinary task runs exactly once, and the worker serves on and stops cleanly."""
+    w = worker(WORKER + ["--max-memory-per-child", "120000"]).wait_ready()
+    ledger = Ledger(backend)
+    faulty = {"leak": [], "hang": [], "segfault": [], "orphans": []}
+    for i in range(12):
+        ledger.send(testapp.ledger, 100, 0.002)
+        faulty["leak"].append(testapp.grow.delay(150))
+        faulty["hang"].append(testapp.hard_limited_by_option.delay(30))
+        faulty["segfault"].append(testapp.segfault.delay())
+        if i % 4 == 0:
+            faulty["orphans"].append(testapp.leaves_orphans.delay(20))
+    states = ledger.wait_done(all_succeeded, timeout=120)
+    assert all(m["status"] == "SUCCESS" for m in states.values())
+    assert set(ledger.runs().values()) == {1}, "an ordinary task ran twice"
+    orphans = [pid for r in faulty["orphans"] for pid in r.get(timeout=30)]
+    try:
+        assert all(isinstance(r.get(timeout=30), str) for r in faulty["leak"])
+        for r in faulty["hang"]:
+            with pytest.raises(Exception) as hung:
+                r.get(timeout=60)
+            assert type(hung.value).__name__ == "TimeLimitExceeded"
+        for r in faulty["segfault"]:
+            with pytest.raises(Exception) as crashed:
+                r.get(timeout=30)
+            assert type(crashed.value).__name__ == "WorkerLostError"
+        log = w.log()
+        assert log.count("exceeding memory limit") >= 6, "leaking children were not recycled"
+        assert "signal 11 (SIGSEGV)" in log
+        assert testapp.add.delay(1, 1).get(timeout=10) == 2
+        stopped = time.monotonic()
+        assert w.stop() == 0
+        assert time.monotonic() - stopped < 10, "the orphans held up the shutdown"
+    finally:
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def backend_server(tmp_path):
+    """A Redis server of the test's own for results, which the test can pause."""
+    import redis
+
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            assert server.poll() is None and time.monotonic() < deadline, "Redis did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", client
+    server.terminate()
+    server.wait(20)
+
+
+def test_slow_result_backend_applies_back_pressure(worker, broker, backend_server):
+    """Fault 6. The result backend stops answering for 8 s (CLIENT PAUSE) with 3,000 tasks
+    waiting: the children wait on it, the worker takes no more than its prefetch window from
+    the broker meanwhile (the rest stays in the queue) and its memory stays flat; when the
+    backend answers again every task completes."""
+    from conftest import producer_app
+
+    url, results = backend_server
+    worker(WORKER, env={"CELERIAC_TEST_BACKEND": url}).wait_ready().stop()  # declares the queue
+    app = producer_app("slow_backend_producer", backend=url)
+    with app.producer_or_acquire() as p:
+        sent = [app.send_task("testapp.add", (i, i), producer=p) for i in range(3000)]
+    results.execute_command("CLIENT", "PAUSE", 8000)
+    w = worker(WORKER, env={"CELERIAC_TEST_BACKEND": url}).wait_ready()
+    supervisor_rss = lambda: int(open(f"/proc/{w.pid}/status").read().split("VmRSS:")[1].split()[0])  # noqa: E731
+    time.sleep(1.5)  # the window fills, the children block on their first results
+    waiting, rss_before = broker.ready("celery"), supervisor_rss()
+    time.sleep(3)
+    assert broker.ready("celery") == waiting, "the worker kept taking messages it could not finish"
+    # Taken: the prefetch window (2 x 4), a task running in each child and one queued behind it.
+    assert waiting >= 3000 - 2 * 4 - 2 * 2, waiting
+    assert supervisor_rss() - rss_before < 2048, "the supervisor grew while the backend was paused"
+    assert [r.get(timeout=120) for r in sent] == [2 * i for i in range(3000)]
+    assert w.proc.poll() is None

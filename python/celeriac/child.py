@@ -348,6 +348,7 @@ def run(fd, index, app, hostname, options):
 
     multiprocessing.current_process().name = f"ForkPoolWorker-{index}"
     sock = socket.socket(fileno=fd)
+    _keep_socket_to_ourselves(fd)
     _bootstrap_as_billiard()
     process_initializer(app, hostname)
     signal.signal(signal.SIGUSR1, _soft_time_limit)
@@ -365,6 +366,22 @@ def run(fd, index, app, hostname, options):
             logger.exception("worker_process_shutdown handler failed")
         _mp_util._exit_function()
     return code
+
+
+def _keep_socket_to_ourselves(fd):
+    """Processes a task starts must not hold this child's end of its socket: the supervisor
+    learns that a child is gone when that end closes, so a grandchild that kept it open (a
+    task that forks a worker process and returns) would hide the child's death, and the
+    supervisor would neither replace the child nor settle what it was running. Programs a
+    task executes never get it (close-on-exec); a bare fork gets /dev/null in its place."""
+    os.set_inheritable(fd, False)
+
+    def in_forked_process():
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, fd, inheritable=False)
+        os.close(devnull)
+
+    os.register_at_fork(after_in_child=in_forked_process)
 
 
 def _bootstrap_as_billiard():

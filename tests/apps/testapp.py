@@ -366,6 +366,20 @@ def exit_hard(code):
 
 
 @app.task
+def leaves_orphans(seconds):
+    """Starts two processes that outlive the task: a subprocess, and a bare fork of the pool
+    child (which inherits its sockets); returns their pids."""
+    import subprocess
+
+    orphan = subprocess.Popen(["sleep", str(seconds)])
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    return [orphan.pid, pid]
+
+
+@app.task
 def segfault():
     import ctypes
 
