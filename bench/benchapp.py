@@ -63,3 +63,13 @@ def stamp(self):
 @app.task
 def add(x, y):
     return x + y
+
+
+@app.task(bind=True, max_retries=1)
+def mixed(self, kind):
+    """The mixed soak's task: succeeds, fails, or retries once and then succeeds."""
+    if kind == "failure":
+        raise ValueError("a failure the soak asked for")
+    if kind == "retry" and self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return kind

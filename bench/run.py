@@ -28,6 +28,7 @@ celeriac/stock ratios, with the targets of issue Step 7.
     .venv/bin/python bench/run.py [--brokers redis,amqp] [--rounds 3] [--tasks 100000]
                                   [--scenarios drain,io,...] [--bin PATH] [--quick]
     .venv/bin/python bench/run.py --soak 1000000 [--brokers redis,amqp]   # supervisor RSS over 1M tasks
+    .venv/bin/python bench/run.py --soak 1000000 --mixed                  # 1M mixed outcomes, every id checked
 
 Uses Redis databases 14 (broker) and 15 (results) and the RabbitMQ vhost `celeriac-bench`,
 flushing them; only 127.0.0.1; only processes this script started are signalled.
@@ -483,6 +484,71 @@ def soak(broker, ctx, total):
           f"({last - first:+.1f} MiB); {len(problems)} error lines")
 
 
+# The mixed soak: of every ten tasks, six succeed, one fails, one retries once and then
+# succeeds, two wait for an ETA half a second away.
+MIXED = ["success"] * 6 + ["failure", "retry", "eta", "eta"]
+MIXED_STATE = {"success": "SUCCESS", "failure": "FAILURE", "retry": "SUCCESS", "eta": "SUCCESS"}
+
+
+def soak_mixed(broker, ctx, total):
+    """celeriac alone through `total` tasks of mixed outcomes sent by the celery producer (the
+    queue kept topped up); every id must end in its expected state; the supervisor's RSS after
+    each tenth. Results go to the backend database, which holds one key per task id."""
+    chunk = max(total // 10, 1)
+    app, task = ctx.app.app, ctx.app.mixed
+    broker.purge()
+    ctx.backend.flushdb()
+    sent = []
+
+    def send(n):
+        with app.producer_or_acquire() as producer:
+            for _ in range(n):
+                kind = MIXED[len(sent) % len(MIXED)]
+                options = {"countdown": 0.5} if kind == "eta" else {}
+                sent.append((task.apply_async((kind,), producer=producer, **options).id, kind))
+
+    send(min(chunk, total))
+    w = Worker("celeriac", ctx.binary, broker.url, ctx.logdir)
+    t0 = time.monotonic()
+    samples = []
+    while True:
+        w.alive("during the soak")
+        done = ctx.backend.dbsize()
+        if len(samples) < done // chunk:
+            rss = rss_of(w.proc.pid)
+            samples.append((done, rss))
+            print(f"  soak {done:>9} tasks  supervisor RSS {rss:6.1f} MiB  {done / (time.monotonic() - t0):7.0f}/s",
+                  flush=True)
+        if done >= total:
+            break
+        if len(sent) < total and broker.ready() < chunk // 2:
+            send(min(chunk, total - len(sent)))
+        time.sleep(0.2)
+    # Every id accounted for: the state each kind must end in (retries may still be finishing).
+    deadline = time.monotonic() + 120
+    while True:
+        wrong = {}
+        for i in range(0, len(sent), 1000):
+            part = sent[i:i + 1000]
+            for (task_id, kind), raw in zip(part, ctx.backend.mget([f"celery-task-meta-{t}" for t, _ in part])):
+                state = json.loads(raw)["status"] if raw else "MISSING"
+                if state != MIXED_STATE[kind]:
+                    wrong[state] = wrong.get(state, 0) + 1
+        if not wrong or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    problems = [p for p in w.stop() if "ERROR" in p and "a failure the soak asked for" not in p]
+    elapsed = time.monotonic() - t0
+    first, last = samples[0][1], samples[-1][1]
+    counts = {k: sum(1 for _, kind in sent if kind == k) for k in MIXED_STATE}
+    print(f"soak (mixed): {len(sent)} tasks {counts} in {elapsed:.0f} s ({len(sent) / elapsed:.0f}/s); "
+          f"{'every id in its expected state' if not wrong else f'NOT in their expected state: {wrong}'}; "
+          f"supervisor RSS {first:.1f} MiB after the first tenth, {last:.1f} MiB at the end "
+          f"({last - first:+.1f} MiB); {len(problems)} unexpected error lines")
+    ctx.backend.flushdb()
+    return not wrong
+
+
 def rss_of(pid):
     """RSS of one process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -560,6 +626,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, one round: to check the script")
     ap.add_argument("--soak", type=int, metavar="N",
                     help="instead: celeriac alone through N no-op tasks on --brokers, supervisor RSS over time")
+    ap.add_argument("--mixed", action="store_true",
+                    help="with --soak: tasks that succeed, fail, retry and wait for ETAs, sent by the celery "
+                         "producer; every id must end in its expected state")
     args = ap.parse_args()
     binary = args.bin or ROOT / "target" / "release" / "celeriac"
     if not binary.exists():
@@ -576,7 +645,11 @@ def main():
         for broker_kind in args.brokers.split(","):
             ctx.app = benchapp(BROKER_URLS[broker_kind])
             print(f"{broker_kind}:")
-            soak(RedisBroker(ctx.app) if broker_kind == "redis" else AmqpBroker(ctx.app), ctx, args.soak)
+            broker = RedisBroker(ctx.app) if broker_kind == "redis" else AmqpBroker(ctx.app)
+            if args.mixed and not soak_mixed(broker, ctx, args.soak):
+                raise SystemExit(1)
+            if not args.mixed:
+                soak(broker, ctx, args.soak)
         return
     scenarios = [s for s in args.scenarios.split(",") if s]
     funcs = {f.__name__: f for f in (drain, io, cpu, result, latency, roundtrip, startup, memory)}

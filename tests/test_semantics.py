@@ -86,3 +86,17 @@ def test_thousands_of_waiting_eta_tasks(worker):
     assert testapp.add.delay(5, 5).get(timeout=10) == 10  # not starved by the waiting ones
     assert [r.get(timeout=60) for r in rs] == list(range(2000))
     assert w.proc.poll() is None
+
+
+def test_a_retry_never_finishes_before_the_run_that_sent_it(worker):
+    """`self.retry(countdown=0)` publishes the retry before its run stores the RETRY state. An
+    idle child taking the retry at once could finish it first, and the RETRY stored after
+    would overwrite its SUCCESS (the result stays RETRY for good). A task id that runs in a
+    child waits until that run reports: every retried task ends SUCCESS."""
+    worker(["-A", "testapp", "worker", "-l", "info", "-c", "2"]).wait_ready()
+    results = [testapp.retry_at_once.delay() for _ in range(400)]
+    assert [r.get(timeout=60) for r in results] == ["retried"] * 400
+    deadline = time.time() + 5
+    while any(r.state != "SUCCESS" for r in results):
+        assert time.time() < deadline, {r.state for r in results}
+        time.sleep(0.1)

@@ -682,12 +682,29 @@ impl Consumer {
         self.queue_behind_running().await;
     }
 
+    /// A task with this id runs in a child now (or is queued behind a running one).
+    fn runs_now(&self, id: &str) -> bool {
+        self.active.values().filter_map(Job::task).chain(self.queued.values().map(|r| &**r)).any(|r| r.message.id == id)
+    }
+
+    /// The next ready job to hand out: the first whose task id does not run here right now.
+    /// `self.retry()` publishes the retry (same id) before its run stores the RETRY state: run
+    /// at once by another child, the retry could finish first and have its result overwritten
+    /// by that RETRY. It waits for the first run to report instead.
+    fn take_ready(&mut self, tasks_only: bool) -> Option<Job> {
+        let position = self.ready.iter().position(|job| match job {
+            Job::Task(r) => !self.runs_now(&r.message.id),
+            Job::Record(_) => !tasks_only,
+        })?;
+        self.ready.remove(position)
+    }
+
     async fn dispatch_to_idle(&mut self) {
         while !self.ready.is_empty() {
             let Some(index) = self.pool.take_idle() else {
                 return;
             };
-            let Some(mut job) = self.ready.pop_front() else {
+            let Some(mut job) = self.take_ready(false) else {
                 self.pool.put_back_idle(index);
                 return;
             };
@@ -723,7 +740,7 @@ impl Consumer {
     /// Write the oldest ready request to each busy child whose running task is short
     /// (`pipeline`); it starts when that task is done.
     async fn queue_behind_running(&mut self) {
-        if self.stopping.is_some() || !matches!(self.ready.front(), Some(Job::Task(_))) {
+        if self.stopping.is_some() || !self.ready.iter().any(|job| matches!(job, Job::Task(_))) {
             return;
         }
         let now = Utc::now().timestamp_micros() as f64 / 1e6;
@@ -736,7 +753,7 @@ impl Consumer {
             .map(|(index, _)| *index)
             .collect();
         for index in behind {
-            let Some(Job::Task(request)) = self.ready.pop_front() else { return };
+            let Some(Job::Task(request)) = self.take_ready(true) else { return };
             if let Some(why) = self.revoked_reason(&request) {
                 self.discard_revoked(*request, why);
                 continue;
@@ -754,9 +771,6 @@ impl Consumer {
             }
             self.queued.insert(index, request);
             self.metrics.pipelined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if !matches!(self.ready.front(), Some(Job::Task(_))) {
-                return;
-            }
         }
     }
 

@@ -353,6 +353,14 @@ def always_retries(self):
     raise self.retry()
 
 
+@app.task(bind=True, max_retries=1)
+def retry_at_once(self):
+    """Retries once with no countdown: the retry is in the queue before this run stores RETRY."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return "retried"
+
+
 @app.task(bind=True)
 def slow_retry(self, key):
     if _redis().incr(key) == 1:
