@@ -417,6 +417,14 @@ class Worker:
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not seen within {timeout}s:\n{self.log()}")
 
+    def wait_for_count(self, text, count, timeout=30.0):
+        """Wait until `text` appears `count` times in the log."""
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} seen {self.log().count(text)} of {count} times in {timeout}s")
+            time.sleep(0.05)
+
     def wait_ready(self, timeout=30.0):
         self.wait_for(" ready.", timeout)
         return self

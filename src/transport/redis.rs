@@ -71,7 +71,8 @@ return out
 
 /// The batch of a take whose reply was lost (receipt KEYS[3] under token ARGV[1]): the unacked
 /// record of each message still there (no sweep gave it back meanwhile) is refreshed (score
-/// ARGV[2], so no sweep takes it now) and returned: key, stored record, tag for each.
+/// ARGV[2], so no sweep takes it now) and returned: key, stored record, tag for each. The
+/// receipt stays (the next take replaces it): if this reply is lost too, asking again works.
 const RECOVER_SCRIPT: &str = r"
 local receipt = redis.call('GET', KEYS[3])
 if not receipt then return {} end
@@ -92,7 +93,6 @@ for line in string.gmatch(receipt, '[^\n]+') do
         end
     end
 end
-redis.call('DEL', KEYS[3])
 return out
 ";
 
