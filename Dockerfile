@@ -7,7 +7,7 @@
 #       -e CELERY_RESULT_BACKEND=redis://redis:6379/1 celeriac-example
 #
 # To add celeriac to your own app image, build stage 1 with your image's Python and
-#   COPY --from=build /src/target/release/celeriac /usr/local/bin/celeriac
+#   COPY --from=build /src/target/release/celeriac /src/target/release/celeriac-zygote /usr/local/bin/
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -34,7 +34,7 @@ WORKDIR /app
 COPY examples/django_project/requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 COPY --chown=app:app examples/django_project/ ./
-COPY --from=build /src/target/release/celeriac /usr/local/bin/celeriac
+COPY --from=build /src/target/release/celeriac /src/target/release/celeriac-zygote /usr/local/bin/
 USER app
 ENV PYTHONUNBUFFERED=1 \
     DJANGO_DB_PATH=/app/data/db.sqlite3 \

@@ -1,20 +1,8 @@
-//! celeriac: a drop-in replacement for `celery -A APP worker`.
-//!
-//! Data flow: broker (`transport`) → message (`celeriac_protocol`, in `crates/protocol`) →
-//! scheduling and acks (`consumer`) → pool children (`pool`) → the embedded CPython runtime
-//! (`embed`, `python/celeriac`).
+//! `celeriac`: the supervisor, a drop-in replacement for `celery -A APP worker`. It never
+//! loads Python itself: it starts `celeriac-zygote` (src/bin/celeriac-zygote.rs) with the
+//! app's interpreter's libpython, and talks to it over a socket.
 
-mod beat;
-mod cli;
-mod config;
-mod consumer;
-mod control;
-mod embed;
-mod ops;
-mod pool;
-mod transport;
-mod worker;
-
+use celeriac::{cli, config, ops, worker};
 use clap::{CommandFactory, FromArgMatches};
 
 fn main() {

@@ -13,7 +13,7 @@ use crate::config::effective::{self, Given};
 use crate::config::{beat_zygote_options, zygote_options, AppInfo, WorkerSettings};
 use crate::consumer::{acker, Channels, Consumer};
 use crate::control::events::Events;
-use crate::embed::interpreter;
+use crate::embed::interpreter::{self, Interpreter};
 use crate::ops::metrics::Metrics;
 use crate::ops::{banner, http, logging, pidfile::Pidfile, signals};
 use crate::pool::{zygote, Pool};
@@ -103,12 +103,12 @@ fn prepare(
         return Err(1);
     }
     let python = interpreter::choose(cli.python.as_deref());
-    if let Err(msg) = interpreter::check_compatible(&python) {
+    let libdir = Interpreter::probe(&python, false).and_then(|i| i.check()).map_err(|msg| {
         error!("{msg}");
-        return Err(1);
-    }
-    // Fork the zygote first: the process must have no threads when it forks.
-    let pending = zygote::start(zygote_options.to_string(), python).map_err(|e| {
+        1
+    })?;
+    // From the main thread, before the runtime's threads: the zygote dies with this thread.
+    let pending = zygote::start(zygote_options, &python, &libdir).map_err(|e| {
         error!("{e}");
         1
     })?;

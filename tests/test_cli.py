@@ -144,3 +144,28 @@ def test_purge_and_include(worker, broker):
     assert broker.ready("celery") == 0
     assert "extra_tasks.triple" in w.log()  # the included module's task is registered
     assert testapp.app.send_task("extra_tasks.triple", (3,)).get(timeout=10) == 9
+
+
+def other_minor_python():
+    """An interpreter of another Python minor version than the one celeriac is built for."""
+    import glob
+    import shutil
+
+    built = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    found += [p for p in (shutil.which(f"python3.{m}") for m in range(8, 15)) if p]
+    for python in found:
+        out = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() != built:
+            return python, out.stdout.strip()
+    raise AssertionError("no Python of another minor version on this machine (pyenv installs several)")
+
+
+def test_another_python_is_refused_naming_both_versions(broker):
+    """celeriac never mixes two Pythons: an interpreter of another version is refused before
+    anything starts, with both versions named."""
+    python, version = other_minor_python()
+    line = only_error_line(run(["--python", python, "-A", "testapp", "worker"]))
+    built = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert f"built for Python {built}" in line and f"is Python {version}" in line, line

@@ -69,12 +69,18 @@ def test_many_tasks_and_concurrency(worker):
 
 
 def test_sys_executable_is_the_virtualenvs(worker):
+    """The app sees the virtualenv's interpreter, the worker's command line as sys.argv (as
+    under `celery worker`), and the library path the user had, not the one the zygote was
+    started with."""
+    import os
     import sys
 
-    worker(WORKER).wait_ready()
+    worker(WORKER, env={"LD_LIBRARY_PATH": "/opt/users/own/lib"}).wait_ready()
     info = testapp.sys_info.delay().get(timeout=10)
     assert info["prefix"] == sys.prefix
     assert info["subprocess_prefix"] == sys.prefix
+    assert info["argv"][1:] == WORKER and os.path.basename(info["argv"][0]) == "celeriac"
+    assert info["ld_library_path"] == "/opt/users/own/lib"
 
 
 def test_countdown_waits_and_runs(worker, broker):

@@ -11,6 +11,7 @@ FORK = 1  # payload: json {"index": n}; one fd (the child's end of its socketpai
 SAVE_STATE = 6  # payload: json {"revoked": [...], "clock": n}; write the --statedb file
 WORKER_SIGNAL = 7  # payload: json {"signal": "worker_ready" | "worker_shutting_down" | "worker_shutdown", ...}
 TASK_RECEIVED = 12  # supervisor -> zygote, payload as TASK: send `task_received` (only when connected)
+OPTIONS = 13  # supervisor -> zygote, first frame, read by celeriac-zygote's Rust main: json options
 RECORD = 9  # supervisor -> zygote, payload: json outcome record (as MARK_FAILURE) when no child is left
 SIGNAL_SENT = 8  # zygote -> supervisor, payload: json {"signal": name}: its handlers have run
 # zygote -> supervisor

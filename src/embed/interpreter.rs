@@ -35,37 +35,107 @@ pub fn choose(explicit: Option<&Path>) -> PathBuf {
     PathBuf::from(BUILD_PYTHON)
 }
 
-/// The `version` a virtualenv's `pyvenv.cfg` records, as "major.minor".
-fn venv_version(python: &Path) -> Option<String> {
-    let dir = python.parent()?.parent()?;
-    let cfg = std::fs::read_to_string(dir.join("pyvenv.cfg")).ok()?;
-    cfg.lines().find_map(|line| {
-        let (key, value) = line.split_once('=')?;
-        let key = key.trim();
-        if key == "version" || key == "version_info" {
-            let mut parts = value.trim().split('.');
-            Some(format!("{}.{}", parts.next()?, parts.next()?))
-        } else {
-            None
-        }
-    })
+/// What the interpreter whose environment runs the app says of itself. The supervisor asks it
+/// (it never loads Python), checks it is the Python the zygote was built for, and starts the
+/// zygote with exactly this interpreter's libpython: never a mix of two Pythons.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Interpreter {
+    /// As chosen (e.g. the virtualenv's `bin/python`): `sys.executable` in the app.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// `major.minor`.
+    pub version: String,
+    pub full_version: String,
+    /// `sysconfig`'s LIBDIR and INSTSONAME: where its libpython is, and its file name.
+    pub libdir: Option<String>,
+    pub soname: Option<String>,
+    /// `Py_ENABLE_SHARED`: built with a shared libpython.
+    pub shared: bool,
+    /// The Celery version importable there, when asked for.
+    #[serde(default)]
+    pub celery: Option<String>,
 }
 
-/// Refuse to mix two Pythons: the linked libpython must match the virtualenv's version.
-pub fn check_compatible(python: &Path) -> Result<(), String> {
-    if !python.exists() {
-        return Err(format!("Python interpreter {} does not exist (set --python or VIRTUAL_ENV)", python.display()));
-    }
-    if let Some(found) = venv_version(python) {
-        if found != LINKED_VERSION {
+/// Run by the interpreter to describe itself; `argv[1] == "celery"` also imports celery.
+const PROBE: &str = r#"
+import json, sys, sysconfig
+var = sysconfig.get_config_var
+celery = None
+if sys.argv[1:] == ["celery"]:
+    try:
+        import celery as c
+        celery = c.__version__
+    except Exception as e:
+        celery = None
+print(json.dumps({"version": "%d.%d" % sys.version_info[:2], "full_version": sys.version.split()[0],
+                  "libdir": var("LIBDIR"), "soname": var("INSTSONAME") or var("LDLIBRARY"),
+                  "shared": bool(var("Py_ENABLE_SHARED")), "celery": celery}))
+"#;
+
+impl Interpreter {
+    /// Ask `python` about itself (and the Celery it can import, with `with_celery`).
+    pub fn probe(python: &Path, with_celery: bool) -> Result<Interpreter, String> {
+        if !python.exists() {
             return Err(format!(
-                "this celeriac is built for Python {LINKED_VERSION}, but the virtualenv of {} is Python {found}; \
-                 install celeriac into that virtualenv (pip install celeriac) or pass --python",
+                "Python interpreter {} does not exist (set --python or VIRTUAL_ENV)",
                 python.display()
             ));
         }
+        let mut command = std::process::Command::new(python);
+        if with_celery {
+            // Not isolated: celery is found as the app finds it (the working directory too).
+            command.args(["-c", PROBE, "celery"]);
+        } else {
+            command.args(["-I", "-c", PROBE]);
+        }
+        let out = command.output().map_err(|e| format!("cannot run Python interpreter {}: {e}", python.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "Python interpreter {} failed to describe itself: {}",
+                python.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let mut found: Interpreter = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("Python interpreter {} gave an unreadable description: {e}", python.display()))?;
+        found.path = python.to_path_buf();
+        Ok(found)
     }
-    Ok(())
+
+    /// Can the zygote (built for `LINKED_VERSION`) run this interpreter's Python? Returns the
+    /// folder that holds its libpython.
+    pub fn check(&self) -> Result<PathBuf, String> {
+        if self.version != LINKED_VERSION {
+            return Err(format!(
+                "this celeriac is built for Python {LINKED_VERSION}, but {} is Python {}: install celeriac \
+                 into a Python {LINKED_VERSION} virtualenv, or build it for this one (`pip install celeriac` in it \
+                 builds or picks a wheel for its Python), or pass --python",
+                self.path.display(),
+                self.full_version
+            ));
+        }
+        let missing = || {
+            format!(
+                "{} (Python {}) has no shared libpython: celeriac embeds CPython and needs one. Check with \
+                 `{} -c \"import sysconfig; print(sysconfig.get_config_var('Py_ENABLE_SHARED'))\"` (it must print 1); \
+                 pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install {}; Debian/Ubuntu: apt install \
+                 libpython{}; the official Docker python images have one",
+                self.path.display(),
+                self.full_version,
+                self.path.display(),
+                self.full_version,
+                self.version
+            )
+        };
+        let (Some(libdir), Some(soname), true) = (&self.libdir, &self.soname, self.shared) else {
+            return Err(missing());
+        };
+        let libdir = PathBuf::from(libdir);
+        if !libdir.join(soname).exists() {
+            return Err(format!("{}: {} is not in {}", missing(), soname, libdir.display()));
+        }
+        Ok(libdir)
+    }
 }
 
 fn check(status: ffi::PyStatus, what: &str) -> Result<(), String> {
@@ -84,7 +154,6 @@ fn check(status: ffi::PyStatus, what: &str) -> Result<(), String> {
 
 /// Start the interpreter. Call once, from the only thread of the process.
 pub fn initialize(python: &Path) -> Result<(), String> {
-    check_compatible(python)?;
     let program = CString::new(python.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     let args: Vec<CString> = std::env::args_os().filter_map(|a| CString::new(a.as_encoded_bytes()).ok()).collect();
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();

@@ -1,10 +1,10 @@
 //! The zygote side: start CPython ourselves and hand over to `python/celeriac/zygote.py`.
 //!
-//! This code runs only in the process the supervisor forked before it started any thread.
-//! The interpreter is configured like `python -m celery` of the chosen interpreter would be
-//! (`program_name` = that interpreter, so `sys.executable`, `sys.prefix` and the virtualenv's
-//! site-packages match), then the zygote imports the app and forks pool children with
-//! `os.fork()` from its only thread.
+//! This code runs only in `celeriac-zygote`, which the supervisor starts with the app's
+//! interpreter's libpython (`pool::zygote::start`). The interpreter is configured like
+//! `python -m celery` of that interpreter would be (`program_name` = that interpreter, so
+//! `sys.executable`, `sys.prefix` and the virtualenv's site-packages match), then the zygote
+//! imports the app and forks pool children with `os.fork()` from its only thread.
 
 pub mod interpreter;
 
@@ -58,6 +58,49 @@ fn load_modules(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     }
     zygote.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("zygote module missing"))
 }
+
+/// `celeriac-zygote`'s main: the supervisor's socket is `CONTROL_FD`; its first frame is the
+/// zygote's options (with the interpreter to run). Returns the exit code.
+pub fn zygote_main() -> i32 {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+
+    // The supervisor put this interpreter's libpython first on the search path for us; what
+    // the app and its subprocesses see is the path the user had.
+    match std::env::var_os(ORIGINAL_LIBRARY_PATH) {
+        // SAFETY: single-threaded, before the interpreter starts.
+        Some(original) if original.is_empty() => unsafe { std::env::remove_var("LD_LIBRARY_PATH") },
+        Some(original) => unsafe { std::env::set_var("LD_LIBRARY_PATH", original) },
+        None => {}
+    }
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(ORIGINAL_LIBRARY_PATH) };
+    // SAFETY: fd CONTROL_FD is the socket the supervisor passed; ManuallyDrop keeps it open
+    // for the Python side, which takes it over.
+    let mut control = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(CONTROL_FD) });
+    let mut head = [0u8; 5];
+    if control.read_exact(&mut head).is_err() {
+        eprintln!("celeriac-zygote: start me through `celeriac`, not by hand");
+        return 2;
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let mut options = vec![0u8; len.saturating_sub(1)];
+    if head[4] != celeriac_protocol::frame::Kind::Options as u8 || control.read_exact(&mut options).is_err() {
+        eprintln!("celeriac-zygote: the supervisor sent no options");
+        return 2;
+    }
+    let options = String::from_utf8_lossy(&options).into_owned();
+    let python = serde_json::from_str::<serde_json::Value>(&options)
+        .ok()
+        .and_then(|o| o["python"].as_str().map(std::path::PathBuf::from))
+        .unwrap_or_else(|| std::path::PathBuf::from(interpreter::BUILD_PYTHON));
+    run_zygote(CONTROL_FD, &options, &python)
+}
+
+/// The zygote's end of the control socket, as the supervisor hands it over.
+pub const CONTROL_FD: RawFd = 3;
+/// Where the supervisor keeps the user's own `LD_LIBRARY_PATH` for the zygote to restore.
+pub const ORIGINAL_LIBRARY_PATH: &str = "CELERIAC_ORIGINAL_LD_LIBRARY_PATH";
 
 /// Run the zygote; returns the process exit code. Forked pool children never return here.
 pub fn run_zygote(control_fd: RawFd, options_json: &str, python: &std::path::Path) -> i32 {

@@ -223,6 +223,10 @@ impl Pool {
         self.slots.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     /// Warm stop: close every child's socket; each finishes and exits on end of stream.
     pub fn close_all(&mut self) {
         debug!("closing {} pool children", self.slots.len());

@@ -1,13 +1,13 @@
-//! The zygote process: forked from the supervisor before any thread exists, it starts CPython,
-//! imports the app once and forks pool children on request (design §2).
+//! The zygote process (`celeriac-zygote`): started by the supervisor with the app's
+//! interpreter's libpython, it starts CPython, imports the app once and forks pool children on
+//! request (design §2).
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use nix::unistd::{fork, ForkResult};
 use serde::Deserialize;
 use tokio::io::Interest;
 use tokio::net::unix::OwnedWriteHalf;
@@ -70,29 +70,58 @@ pub enum ZygoteError {
     Protocol(String),
 }
 
-/// Fork the zygote. Must be called before the process starts any thread.
-pub fn start(options_json: String, python: PathBuf) -> Result<PendingZygote, ZygoteError> {
-    let (ours, theirs) = StdUnixStream::pair().map_err(|e| ZygoteError::Start(e.to_string()))?;
-    let parent = nix::unistd::getpid();
-    // SAFETY: no other thread exists yet (called first thing in main), so the child may run
-    // arbitrary code after fork.
-    match unsafe { fork() }.map_err(|e| ZygoteError::Start(e.to_string()))? {
-        ForkResult::Child => {
-            drop(ours);
-            // Die with the supervisor; children die with the zygote in turn.
-            // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-            if nix::unistd::getppid() != parent {
-                std::process::exit(1);
-            }
-            let code = crate::embed::run_zygote(theirs.into_raw_fd(), &options_json, &python);
-            std::process::exit(code);
-        }
-        ForkResult::Parent { .. } => {
-            drop(theirs);
-            Ok(PendingZygote { stream: ours })
-        }
+/// Start `celeriac-zygote` (beside this executable, or `CELERIAC_ZYGOTE`) with the chosen
+/// interpreter's libpython (`libdir`) first on its library path, its end of a socketpair as
+/// fd 3, this process's own argv (the app sees `sys.argv` as under the supervisor), and
+/// `options` (with `"python"`) as its first frame. Call it from the main thread: the zygote
+/// dies with the thread that started it (parent-death signal), and its children with it.
+pub fn start(mut options: serde_json::Value, python: &Path, libdir: &Path) -> Result<PendingZygote, ZygoteError> {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+
+    let exe = match std::env::var_os("CELERIAC_ZYGOTE") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .map_err(|e| ZygoteError::Start(format!("cannot find this executable: {e}")))?
+            .with_file_name("celeriac-zygote"),
+    };
+    let (mut ours, theirs) = StdUnixStream::pair().map_err(|e| ZygoteError::Start(e.to_string()))?;
+    let original = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+    let mut search = libdir.as_os_str().to_owned();
+    if !original.is_empty() {
+        search.push(":");
+        search.push(&original);
     }
+    let mut args = std::env::args_os();
+    let mut command = std::process::Command::new(&exe);
+    if let Some(arg0) = args.next() {
+        command.arg0(arg0);
+    }
+    command.args(args).env("LD_LIBRARY_PATH", search).env(crate::embed::ORIGINAL_LIBRARY_PATH, original);
+    let fd = theirs.as_raw_fd();
+    let parent = nix::unistd::getpid();
+    // SAFETY: only async-signal-safe calls between fork and exec: prctl, getppid, dup2, fcntl.
+    unsafe {
+        command.pre_exec(move || {
+            // Die with the supervisor; children die with the zygote in turn.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent.as_raw() {
+                return Err(std::io::Error::other("the supervisor is gone"));
+            }
+            let target = crate::embed::CONTROL_FD;
+            let moved = if fd == target { libc::fcntl(target, libc::F_SETFD, 0) } else { libc::dup2(fd, target) };
+            if moved < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().map_err(|e| ZygoteError::Start(format!("cannot start the zygote {}: {e}", exe.display())))?;
+    drop(theirs);
+    options["python"] = python.display().to_string().into();
+    ours.write_all(&frame::encode(Kind::Options, options.to_string().as_bytes()))
+        .map_err(|e| ZygoteError::Start(format!("the zygote did not take its options: {e}")))?;
+    Ok(PendingZygote { stream: ours })
 }
 
 impl PendingZygote {

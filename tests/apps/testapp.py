@@ -256,7 +256,8 @@ def sys_info():
     import sys
 
     out = subprocess.run([sys.executable, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
-    return {"executable": sys.executable, "prefix": sys.prefix, "subprocess_prefix": out.stdout.strip()}
+    return {"executable": sys.executable, "prefix": sys.prefix, "subprocess_prefix": out.stdout.strip(),
+            "argv": sys.argv, "ld_library_path": os.environ.get("LD_LIBRARY_PATH")}
 
 
 def _child_exit(code):
