@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "celeriac",
-    version,
     about = "A drop-in replacement for `celery worker`: your Celery app, run by a Rust supervisor",
-    args_override_self = true
+    args_override_self = true,
+    arg_required_else_help = true
 )]
 pub struct Cli {
     /// The Celery application: `module`, `module:attr` or `package` (→ `package.celery:app`).
@@ -56,8 +56,12 @@ pub struct Cli {
     #[arg(short = 'q', long = "quiet", global = true)]
     pub quiet: bool,
 
+    /// Print celeriac's version, the Python it would run the app with, and that Python's Celery.
+    #[arg(short = 'V', long = "version")]
+    pub version: bool,
+
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +72,9 @@ pub enum Command {
     Beat(Box<BeatArgs>),
     /// Print the settings a worker would run with, and where each came from.
     Config(Box<ConfigArgs>),
+    /// Check the environment a worker would run in (Python, libpython, Celery, the app, the
+    /// broker, the result backend) and say what is wrong and how to fix it.
+    Doctor(Box<WorkerArgs>),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -337,7 +344,7 @@ mod tests {
         let c = parse(&["celeriac", "worker", "--app=core", "--loglevel=INFO"]);
         for cli in [a, b, c] {
             assert_eq!(cli.app.as_deref(), Some("core"));
-            let Command::Worker(w) = cli.command else { panic!("not a worker") };
+            let Some(Command::Worker(w)) = cli.command else { panic!("not a worker") };
             assert_eq!(w.loglevel, "INFO");
         }
     }
@@ -364,7 +371,7 @@ mod tests {
             "--without-heartbeat",
             "-E",
         ]);
-        let Command::Worker(w) = cli.command else { panic!("not a worker") };
+        let Some(Command::Worker(w)) = cli.command else { panic!("not a worker") };
         assert_eq!(w.concurrency, Some(3));
         assert_eq!(w.queues.as_deref(), Some("a,b"));
         assert_eq!(w.hostname.as_deref(), Some("w1@%h"));
@@ -375,7 +382,7 @@ mod tests {
     #[test]
     fn stock_flags_not_implemented_are_accepted() {
         let cli = parse(&["celeriac", "-A", "x", "worker", "-P", "solo", "-B", "--autoscale", "4,2", "-D"]);
-        let Command::Worker(w) = cli.command else { panic!("not a worker") };
+        let Some(Command::Worker(w)) = cli.command else { panic!("not a worker") };
         assert_eq!(w.not_yet.given(), vec!["--pool"]);
         assert!(w.daemon.detach);
         assert!(w.beat && w.autoscale.as_deref() == Some("4,2"));
@@ -384,10 +391,10 @@ mod tests {
     #[test]
     fn beat_and_config_commands() {
         let cli = parse(&["celeriac", "-A", "x", "beat", "-l", "info", "-s", "/tmp/s", "-S", "my:Scheduler"]);
-        let Command::Beat(b) = cli.command else { panic!("not beat") };
+        let Some(Command::Beat(b)) = cli.command else { panic!("not beat") };
         assert_eq!((b.schedule.as_deref(), b.scheduler.as_deref()), (Some("/tmp/s"), Some("my:Scheduler")));
         let cli = parse(&["celeriac", "-A", "x", "config", "-c", "3", "--json"]);
-        let Command::Config(c) = cli.command else { panic!("not config") };
+        let Some(Command::Config(c)) = cli.command else { panic!("not config") };
         assert!(c.json && c.worker.concurrency == Some(3));
     }
 

@@ -11,9 +11,16 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if cli.version {
+        std::process::exit(ops::doctor::print_version(&cli));
+    }
+    let Some(command) = &cli.command else {
+        let _ = cli::Cli::command().print_help();
+        std::process::exit(2);
+    };
     // A SIGHUP restart runs the same command from the same place (`--workdir` moves us).
     let started_in = std::env::current_dir().ok();
-    let code = match &cli.command {
+    let code = match command {
         cli::Command::Worker(args) => {
             daemonize(&args.daemon, args.logfile.as_deref(), args.pidfile.as_deref());
             let code = worker::run(&cli, args);
@@ -31,6 +38,7 @@ fn main() {
             let given = |id: &str| config::effective::given(sub, id);
             worker::show_config(&cli, &args.worker, &given, args.json)
         }
+        cli::Command::Doctor(args) => worker::doctor(&cli, args),
     };
     std::process::exit(code);
 }

@@ -165,10 +165,12 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
     connect_and_run(&app_for_connect, Role::Worker(parts)).await
 }
 
-/// What runs once the broker is connected: a worker (with its consumer), or beat alone.
+/// What runs once the broker is connected: a worker (with its consumer), beat alone, or
+/// nothing (`doctor` only wants to know whether it connects, and if not, why).
 enum Role {
     Worker(Parts),
     Beat(BeatParts),
+    Probe(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
 /// Connect to the app's broker (retrying as `broker_connection_retry_on_startup` says) and run.
@@ -218,17 +220,109 @@ async fn connect_and_run(app: &AppInfo, role: Role) -> i32 {
 }
 
 async fn run_role<T: Transport>(connected: Result<T, TransportError>, app: &AppInfo, role: Role) -> i32 {
-    let transport = match connected {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
+    let transport = match (connected, role) {
+        (Ok(_), Role::Probe(answer)) => {
+            let _ = answer.send(Ok(()));
+            return 0;
+        }
+        (Err(e), Role::Probe(answer)) => {
+            let _ = answer.send(Err(e.to_string()));
+            return 1;
+        }
+        (Ok(t), role) => (Arc::new(t), role),
+        (Err(e), _) => {
             error!("consumer: Cannot connect to {}: {e}", app.broker_display);
             return 1;
         }
     };
-    match role {
-        Role::Worker(parts) => start(transport, parts).await,
-        Role::Beat(parts) => serve_beat(transport, parts).await,
+    match transport {
+        (transport, Role::Worker(parts)) => start(transport, parts).await,
+        (transport, Role::Beat(parts)) => serve_beat(transport, parts).await,
+        (_, Role::Probe(_)) => 0,
     }
+}
+
+/// `celeriac doctor`: the interpreter, the app (loaded as the worker would), the broker (one
+/// connection attempt) and the result backend, each reported with how to fix what fails.
+pub fn doctor(cli: &Cli, worker: &WorkerArgs) -> i32 {
+    use crate::ops::doctor::{check_python, Report};
+
+    let mut report = Report::start();
+    let Some((python, libdir)) = check_python(cli, &mut report) else { return report.finish() };
+    let Some(app_name) = cli.app_locator() else {
+        report.fail("no Celery app given", "pass -A/--app (e.g. `celeriac -A core doctor`) or set CELERY_APP");
+        return report.finish();
+    };
+    if let Some(dir) = &cli.workdir {
+        if let Err(e) = std::env::set_current_dir(dir) {
+            report.fail(format!("--workdir {}: {e}", dir.display()), "give a folder that exists");
+            return report.finish();
+        }
+    }
+    let mut options = zygote_options(cli, worker);
+    options["role"] = "doctor".into();
+    let pending = match zygote::start(options, &python, &libdir) {
+        Ok(p) => p,
+        Err(e) => {
+            report.fail(e, "reinstall celeriac (pip install celeriac): celeriac-zygote belongs beside celeriac");
+            return report.finish();
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            report.fail(format!("cannot start the async runtime: {e}"), "check the machine's limits (ulimit -n)");
+            return report.finish();
+        }
+    };
+    runtime.block_on(async {
+        let (pool_tx, _pool_rx) = mpsc::unbounded_channel();
+        let (mut zygote, info) = match pending.bootstrap(pool_tx).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                report.fail(
+                    format!("app {app_name}: {e}"),
+                    "check -A/--app, the working directory (--workdir) and that the app's requirements are \
+                     installed in that environment; `python -c 'import <module>'` shows the full error",
+                );
+                return report.finish();
+            }
+        };
+        let mut app: AppInfo = match serde_json::from_slice(&info) {
+            Ok(app) => app,
+            Err(e) => {
+                report.fail(format!("the zygote's report is unreadable: {e}"), "report this as a celeriac bug");
+                return report.finish();
+            }
+        };
+        report.ok(format!("app {app_name} imported: {} tasks registered", app.tasks.len()));
+        app.conf.broker_connection_retry_on_startup = false; // one attempt: say what is wrong now
+        let (answer, connected) = tokio::sync::oneshot::channel();
+        let attempt = tokio::time::timeout(Duration::from_secs(15), connect_and_run(&app, Role::Probe(answer)));
+        let _ = attempt.await;
+        match connected.await {
+            Ok(Ok(())) => report.ok(format!("broker {} reachable", app.broker_display)),
+            Ok(Err(e)) => report.fail(
+                format!("broker {}: {e}", app.broker_display),
+                "start the broker, or point broker_url (CELERY_BROKER_URL, -b) at one that runs; check its \
+                 password and, for TLS, broker_use_ssl",
+            ),
+            Err(_) => report.fail(
+                format!("broker {}: no answer within 15 s", app.broker_display),
+                "check the host and port, and any firewall between here and the broker",
+            ),
+        }
+        match &app.backend_check {
+            Some(check) if check.ok => report.ok(format!("result backend: {}", check.detail)),
+            Some(check) => report.fail(
+                format!("result backend: {}", check.detail),
+                "start it, or point result_backend (CELERY_RESULT_BACKEND, --result-backend) at one that runs",
+            ),
+            None => {}
+        }
+        zygote.close();
+        report.finish()
+    })
 }
 
 /// What the consumer needs besides the transport.

@@ -169,3 +169,38 @@ def test_another_python_is_refused_naming_both_versions(broker):
     line = only_error_line(run(["--python", python, "-A", "testapp", "worker"]))
     built = f"{sys.version_info[0]}.{sys.version_info[1]}"
     assert f"built for Python {built}" in line and f"is Python {version}" in line, line
+
+
+def test_version_names_celeriac_python_and_celery(broker):
+    import celery
+
+    p = run(["--version"])
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("celeriac ") and f"built for Python {sys.version_info[0]}.{sys.version_info[1]}" in lines[0]
+    assert lines[1].startswith(f"python {sys.version.split()[0]} ({sys.prefix}/bin/python; libpython in ")
+    assert lines[2] == f"celery {celery.__version__}"
+
+
+def test_doctor_says_what_is_wrong_and_how_to_fix_it(broker):
+    from conftest import BROKER_URL
+
+    p = run(["-A", "testapp", "doctor"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "All good" in p.stdout and p.stdout.count("  ok    ") == 6, p.stdout
+    # Nothing listens on the port of a socket we just closed.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = run(["-A", "testapp", "--result-backend", f"redis://127.0.0.1:{port}/0", "doctor"],
+            env={"TESTAPP_NO_STARTUP_RETRY": "1"})
+    assert p.returncode == 1
+    assert "FAIL  result backend" in p.stdout and "fix: start it" in p.stdout, p.stdout
+    assert "ok    broker" in p.stdout and BROKER_URL.split("@")[-1].split("://")[-1] in p.stdout
+    p = run(["-A", "no_such_app_module", "doctor"])
+    assert p.returncode == 1
+    assert "FAIL  app no_such_app_module" in p.stdout and "No module named 'no_such_app_module'" in p.stdout
+    p = run(["-b", f"redis://127.0.0.1:{port}/0", "-A", "testapp", "doctor"])
+    assert p.returncode == 1 and "FAIL  broker" in p.stdout and "Connection refused" in p.stdout, p.stdout

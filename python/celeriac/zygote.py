@@ -290,6 +290,21 @@ def start_plain(app, options, level):
     app.finalize()
 
 
+def _check_backend(app):
+    """`celeriac doctor`: does the result backend answer? (One read of a state nobody has.)"""
+    from celery.backends.base import DisabledBackend
+
+    backend = app.backend
+    if isinstance(backend, DisabledBackend):
+        return {"ok": True, "detail": "none configured (results are not stored)"}
+    where = backend.as_uri() if hasattr(backend, "as_uri") else type(backend).__name__
+    try:
+        backend.get_state("celeriac-doctor-probe")
+    except Exception as exc:  # any failure is the answer
+        return {"ok": False, "detail": f"{where}: {exc!r}"}
+    return {"ok": True, "detail": f"{where} answers"}
+
+
 def _include(app, include):
     """`-I/--include`: import more task modules, and remember them in `include`
     (`WorkController.setup_includes`)."""
@@ -338,12 +353,14 @@ def main(control_fd, options_json):
     try:
         hostname = _hostname(options)
         app = load_app(options)
-        if options.get("role") in ("beat", "config"):
+        if options.get("role") in ("beat", "config", "doctor"):
             start_plain(app, options, level)
         else:
             start_worker(app, hostname, options, level)
         statedb = StateDB(app, options)
         info = bootstrap_info(app, hostname, options)
+        if options.get("role") == "doctor":
+            info["backend_check"] = _check_backend(app)
         info["revoked"] = statedb.revoked()
         if options.get("purge"):
             _purge(app)

@@ -45,7 +45,16 @@ pub struct AppInfo {
     /// SQS takes its credentials and endpoint from there.
     #[serde(default)]
     pub broker_connection: Map<String, Value>,
+    /// `doctor` only: whether the result backend answered.
+    #[serde(default)]
+    pub backend_check: Option<BackendCheck>,
     pub conf: AppConf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BackendCheck {
+    pub ok: bool,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -357,7 +366,9 @@ mod tests {
     fn worker(args: &[&str]) -> WorkerArgs {
         let mut all = vec!["celeriac", "worker"];
         all.extend_from_slice(args);
-        let crate::cli::Command::Worker(w) = Cli::try_parse_from(all).unwrap().command else { panic!("not a worker") };
+        let Some(crate::cli::Command::Worker(w)) = Cli::try_parse_from(all).unwrap().command else {
+            panic!("not a worker")
+        };
         *w
     }
 

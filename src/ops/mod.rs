@@ -2,6 +2,7 @@
 
 pub mod banner;
 pub mod daemon;
+pub mod doctor;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -70,6 +70,16 @@ pub enum ZygoteError {
     Protocol(String),
 }
 
+/// Where `celeriac-zygote` is: `CELERIAC_ZYGOTE`, else beside this executable.
+pub fn executable() -> Result<PathBuf, String> {
+    match std::env::var_os("CELERIAC_ZYGOTE") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => std::env::current_exe()
+            .map(|exe| exe.with_file_name("celeriac-zygote"))
+            .map_err(|e| format!("cannot find this executable: {e}")),
+    }
+}
+
 /// Start `celeriac-zygote` (beside this executable, or `CELERIAC_ZYGOTE`) with the chosen
 /// interpreter's libpython (`libdir`) first on its library path, its end of a socketpair as
 /// fd 3, this process's own argv (the app sees `sys.argv` as under the supervisor), and
@@ -79,12 +89,7 @@ pub fn start(mut options: serde_json::Value, python: &Path, libdir: &Path) -> Re
     use std::io::Write;
     use std::os::unix::process::CommandExt;
 
-    let exe = match std::env::var_os("CELERIAC_ZYGOTE") {
-        Some(path) => PathBuf::from(path),
-        None => std::env::current_exe()
-            .map_err(|e| ZygoteError::Start(format!("cannot find this executable: {e}")))?
-            .with_file_name("celeriac-zygote"),
-    };
+    let exe = executable().map_err(ZygoteError::Start)?;
     let (mut ours, theirs) = StdUnixStream::pair().map_err(|e| ZygoteError::Start(e.to_string()))?;
     let original = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
     let mut search = libdir.as_os_str().to_owned();
