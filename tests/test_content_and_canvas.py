@@ -38,7 +38,10 @@ def test_pickle_refused_when_not_accepted(worker):
     w = worker(WORKER).wait_ready()
     r = testapp.add.apply_async((1, 1), serializer="pickle")
     w.wait_for("Refusing to deserialize untrusted content of type application/x-python-serialize")
-    assert r.state == "PENDING"
+    # Beyond stock (PENDING forever): the refusal is stored for whoever waits on the result.
+    with pytest.raises(Exception) as refused:
+        r.get(timeout=10)
+    assert type(refused.value).__name__ == "ContentDisallowed"
     assert testapp.add.delay(2, 2).get(timeout=10) == 4
 
 
