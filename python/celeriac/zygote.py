@@ -254,6 +254,9 @@ def start_worker(app, hostname, options, level):
     # socket.getaddrinfo encodes host names with the idna codec (stringprep, unicodedata):
     # imported here once, shared by all children instead of ~1 MiB in each.
     import encodings.idna  # noqa: F401
+    # The pool child's own module and what it imports (the prefork initializer, billiard's
+    # pieces): imported once here, before the fork, instead of in every child.
+    from celeriac import child  # noqa: F401
     # As `celery worker`: refuse to run as root with pickle accepted, unless C_FORCE_ROOT.
     check_privileges(app.conf.accept_content)
     shim = WorkerShim(app, hostname, options)
