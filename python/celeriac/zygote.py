@@ -254,6 +254,16 @@ def start_worker(app, hostname, options, level):
     # socket.getaddrinfo encodes host names with the idna codec (stringprep, unicodedata):
     # imported here once, shared by all children instead of ~1 MiB in each.
     import encodings.idna  # noqa: F401
+    # Also paid by each child on its first connection unless done here: redis-py imports
+    # `secrets` (and `hmac`) when it connects (~1 MiB written in every child), and the first
+    # getaddrinfo of a process sets up the C resolver's and the socket module's state
+    # (~0.4 MiB). A numeric address: no name lookup, nothing sent anywhere.
+    import secrets  # noqa: F401
+
+    try:
+        socket.getaddrinfo("127.0.0.1", None, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except OSError:
+        pass
     # The pool child's own module and what it imports (the prefork initializer, billiard's
     # pieces): imported once here, before the fork, instead of in every child.
     from celeriac import child  # noqa: F401
