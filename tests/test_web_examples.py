@@ -8,13 +8,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
 import pytest
 
-from conftest import BACKEND_URL, BROKER_URL, ROOT, free_port
+from conftest import BACKEND_URL, BROKER_URL, ROOT, free_port, http_get
 
 EXAMPLES = ROOT / "examples"
 
@@ -34,10 +33,8 @@ def web(tmp_path):
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                http_get(port, "/")  # any answer (404 at /) means it is up
                 break
-            except urllib.error.HTTPError:
-                break  # it answers (404 at /): up
             except OSError:
                 assert proc.poll() is None, (tmp_path / f"web-{port}.log").read_text()
                 assert time.monotonic() < deadline, "the web app did not start listening"
