@@ -37,9 +37,19 @@ pub fn run(cli: &Cli, worker: &WorkerArgs) -> i32 {
         );
     }
     match prepare(cli, &LogOptions::of(worker), zygote_options(cli, worker)) {
-        Ok((pending, runtime)) => runtime.block_on(supervise(pending, worker.clone())),
+        Ok((pending, runtime)) => run_to_exit(runtime, supervise(pending, worker.clone())),
         Err(code) => code,
     }
+}
+
+/// Run the command's future to its end and hand back its exit code, leaving the runtime
+/// running: the process exits next, and lapin's I/O threads, registered with this runtime's
+/// reactor, may still be finishing a connection's close; shutting the runtime down first would
+/// fail their last I/O and log it as an error.
+fn run_to_exit(runtime: tokio::runtime::Runtime, command: impl std::future::Future<Output = i32>) -> i32 {
+    let code = runtime.block_on(command);
+    std::mem::forget(runtime);
+    code
 }
 
 /// `celeriac config`: load the app as `worker` would and print the effective settings, each
@@ -51,7 +61,7 @@ pub fn show_config(cli: &Cli, worker: &WorkerArgs, given: &dyn Fn(&str) -> Given
         Ok(p) => p,
         Err(code) => return code,
     };
-    runtime.block_on(async {
+    run_to_exit(runtime, async {
         let (pool_tx, _pool_rx) = mpsc::unbounded_channel();
         let (mut zygote, app, settings) = match load_app(pending, pool_tx, worker).await {
             Ok(loaded) => loaded,
@@ -275,7 +285,7 @@ pub fn doctor(cli: &Cli, worker: &WorkerArgs) -> i32 {
             return report.finish();
         }
     };
-    runtime.block_on(async {
+    run_to_exit(runtime, async {
         let (pool_tx, _pool_rx) = mpsc::unbounded_channel();
         let (mut zygote, info) = match pending.bootstrap(pool_tx).await {
             Ok(loaded) => loaded,
@@ -360,7 +370,7 @@ pub fn run_beat(cli: &Cli, args: &BeatArgs) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    runtime.block_on(async {
+    run_to_exit(runtime, async {
         let (pool_tx, _pool_rx) = mpsc::unbounded_channel();
         let (zygote, info) = match pending.bootstrap(pool_tx).await {
             Ok(z) => z,

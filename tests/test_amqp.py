@@ -106,6 +106,29 @@ def test_connection_closed_by_the_broker_mid_load(worker, broker):
     assert testapp.add.delay(1, 2).get(timeout=10) == 3
 
 
+def test_warm_shutdown_closes_every_connection_cleanly(worker, broker):
+    # Tasks, remote control and gossip each have a connection; all are closed (connection.close)
+    # before the process ends, so none fails on the way out and logs an error, and mingle's
+    # unrouted hello (no other worker) is not reported as a returned message.
+    w = worker(WORKER).wait_ready()
+    key = f"ran:{uuid.uuid4()}"
+    ids = [testapp.count.delay(key).id for _ in range(2000)]
+    runs = testapp._redis()
+    deadline = time.time() + 60
+    while runs.hlen(key) < len(ids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert runs.hlen(key) == len(ids)
+    assert len(celeriac_connections()) >= 3
+    assert w.stop() == 0
+    log = w.log()
+    assert "ERROR" not in log, log[-3000:]
+    assert "BasicReturnMessage" not in log
+    deadline = time.time() + 10
+    while celeriac_connections() and time.time() < deadline:
+        time.sleep(0.2)
+    assert celeriac_connections() == []
+
+
 def test_queue_deleted_under_the_consumer(worker, broker):
     w = worker(WORKER).wait_ready()
     assert testapp.add.delay(1, 1).get(timeout=10) == 2

@@ -115,7 +115,11 @@ impl std::io::Write for SharedFile {
 
 /// Install the supervisor's logger: stderr (where the children log too) or `--logfile`.
 pub fn init(loglevel: &str, format: LogFormat, logfile: Option<&Path>) -> std::io::Result<()> {
-    let builder = tracing_subscriber::fmt().with_max_level(level_filter(loglevel));
+    // lapin warns of every message the broker returns, but the one celeriac gets back (mingle's
+    // unrouted `hello`: no other worker) is expected and handled.
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse_lossy(format!("{},lapin::returned_messages=error", level_filter(loglevel)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let file = logfile.map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p)).transpose()?;
     let file = file.map(std::sync::Arc::new);
     let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {

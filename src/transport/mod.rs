@@ -228,7 +228,8 @@ pub trait Transport: Send + Sync + 'static {
     /// Settle a batch of deliveries. Each settled delivery gives one permit back to `window`.
     fn settle(&self, batch: Vec<Settle>) -> impl Future<Output = Result<(), TransportError>> + Send;
 
-    /// Give back every delivery still held (shutdown): to the front of its queue.
+    /// Shutdown: give back every delivery still held (to the front of its queue) and close
+    /// the connections.
     fn restore_all(&self) -> impl Future<Output = Result<usize, TransportError>> + Send;
 
     /// Remote control: deliver the broadcast requests of the `<node>.celery.pidbox` mailbox

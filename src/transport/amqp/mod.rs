@@ -44,7 +44,7 @@ pub struct AmqpOptions {
 struct Session {
     epoch: u64,
     #[allow(dead_code)] // kept so the connection lives as long as its channel
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
 }
 
@@ -61,12 +61,15 @@ pub struct AmqpTransport {
     /// Tags of our live consumers; shared with the tasks that forward their deliveries.
     consumer_tags: Arc<Mutex<Vec<String>>>,
     /// The remote-control connection's channel, also used to publish replies.
-    pidbox_channel: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    pidbox_channel: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     /// Beat's leader lock: the connection whose exclusive queue is the lock, and a channel.
-    beat_lock: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    beat_lock: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     /// Consumers are up on a live connection.
     consuming: std::sync::atomic::AtomicBool,
     connections: std::sync::atomic::AtomicU64,
+    /// Every connection opened and not yet seen closed: closed at shutdown, while the runtime
+    /// their I/O is registered with still runs.
+    opened: Mutex<Vec<Arc<Connection>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +169,7 @@ impl AmqpTransport {
             beat_lock: tokio::sync::Mutex::new(None),
             consuming: Default::default(),
             connections: Default::default(),
+            opened: Default::default(),
         };
         let session = t.open_session(0).await?;
         *t.session.lock().await = Some(session);
@@ -179,17 +183,26 @@ impl AmqpTransport {
     /// Connect to the `attempt`-th broker of the failover list (round robin), asking for
     /// frames of at most `frame_max` bytes (`url::TASK_FRAME_MAX` for the connection that
     /// consumes tasks).
-    async fn connect_to(&self, attempt: usize, name: &str, frame_max: u32) -> Result<Connection, TransportError> {
+    async fn connect_to(&self, attempt: usize, name: &str, frame_max: u32) -> Result<Arc<Connection>, TransportError> {
         let mut uri = self.uris[attempt % self.uris.len()].clone();
         uri.query.frame_max = Some(frame_max);
-        let props = ConnectionProperties::default().with_connection_name(name.into());
+        // lapin's own tasks and socket readiness on our tokio runtime rather than on
+        // async-global-executor's and async-io's threads: fewer thread hand-offs per delivery.
+        let props = ConnectionProperties::default()
+            .with_connection_name(name.into())
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
         let mut tls = lapin::tcp::OwnedTLSConfig::default();
         if let Some(path) = &self.options.tls_ca_file {
             let pem = std::fs::read_to_string(path)
                 .map_err(|e| TransportError::Tls(format!("cannot read broker_use_ssl ca_certs {path}: {e}")))?;
             tls.cert_chain = Some(pem);
         }
-        Ok(Connection::connect_uri_with_config(uri, props, tls).await?)
+        let connection = Arc::new(Connection::connect_uri_with_config(uri, props, tls).await?);
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        opened.retain(|c| c.status().connected());
+        opened.push(connection.clone());
+        Ok(connection)
     }
 
     async fn open_session(&self, attempt: usize) -> Result<Session, TransportError> {
@@ -315,7 +328,7 @@ impl AmqpTransport {
         &self,
         attempt: usize,
         ttl_ms: u64,
-    ) -> Result<(Connection, lapin::Consumer), TransportError> {
+    ) -> Result<(Arc<Connection>, lapin::Consumer), TransportError> {
         let connection = self.connect_to(attempt, "celeriac-gossip", url::SMALL_FRAME_MAX).await?;
         let channel = connection.create_channel().await?;
         let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
@@ -614,7 +627,12 @@ impl Transport for AmqpTransport {
         self.settle(tags).await?;
         if let Some(s) = self.session.lock().await.take() {
             let _ = s.channel.close(200, "worker shutdown").await;
-            let _ = s.connection.close(200, "worker shutdown").await;
+        }
+        // All of them (remote control, gossip, beat's lock too): one left open when the runtime
+        // ends would have its I/O fail and log an error on the way out.
+        let opened: Vec<Arc<Connection>> = std::mem::take(&mut *self.opened.lock().unwrap_or_else(|p| p.into_inner()));
+        for connection in opened.into_iter().filter(|c| c.status().connected()) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "worker shutdown")).await;
         }
         Ok(n)
     }
