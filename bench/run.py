@@ -7,7 +7,10 @@ the same flags (`-A benchapp worker -c 2 --prefetch-multiplier 4 -l warning`, cw
 same pre-filled queue and the same way of seeing completions:
 
   drain      N no-op tasks (ignore_result) pre-filled; from the first message taken until the
-             queue is empty and nothing is unacknowledged. Also run by the *bare consumer*
+             queue is empty (the <= 8 prefetched tasks still running then take about a
+             millisecond; the run then waits, untimed, until nothing is unacknowledged, which
+             RabbitMQ only tells through rabbitmqctl, a command that takes ~0.5 s and a core to
+             answer). Also run by the *bare consumer*
              (celeriac's own transport and acker, acking each message as it arrives, no Python):
              the ceiling with the same ack guarantees.
   io         tasks that sleep 10 ms; each does one Redis INCR at its end, counted.
@@ -348,8 +351,9 @@ def warm(worker, app):
 
 # -- scenarios ------------------------------------------------------------------------------------------
 
-def counted(broker, ctx, kind, task, args, n, done):
-    """Pre-fill n messages, start the worker, time from its first take until done() reaches n."""
+def counted(broker, ctx, kind, task, args, n, done, settled=None):
+    """Pre-fill n messages, start the worker, time from its first take until done() reaches n;
+    then wait, untimed, for settled() if given."""
     broker.fill(task, args, n)
     ctx.backend.flushdb()
     w = Worker(kind, ctx.binary, broker.url, ctx.logdir)
@@ -358,6 +362,8 @@ def counted(broker, ctx, kind, task, args, n, done):
     t0, cpu0 = time.monotonic(), tree_cpu(w.proc.pid)
     wait_for(lambda: done() >= n, w, "all done")
     elapsed, cpu = time.monotonic() - t0, tree_cpu(w.proc.pid) - cpu0
+    if settled is not None:
+        wait_for(settled, w, "nothing left unacknowledged", interval=0.1)
     rss, pss = sampler.stop()
     problems = w.stop()
     return {"rate": n / elapsed, "cpu_us": cpu / n * 1e6, "rss": rss, "pss": pss, "problems": problems}
@@ -365,13 +371,7 @@ def counted(broker, ctx, kind, task, args, n, done):
 
 def drain(broker, ctx, kind):
     n = ctx.tasks
-
-    def settled():
-        if broker.ready():
-            return 0
-        return n if broker.unacked() == 0 else 0
-
-    return counted(broker, ctx, kind, "noop", (0,), n, settled)
+    return counted(broker, ctx, kind, "noop", (0,), n, lambda: n - broker.ready(), lambda: broker.unacked() == 0)
 
 
 def io(broker, ctx, kind):
