@@ -565,6 +565,8 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
     }
     // The consumer dropped its settle sender: the acker drains what is left and ends.
     let _ = consuming.await;
+    // From here on every broker connection is being let go of on purpose.
+    crate::ops::logging::quiet_broker_client();
     maintenance.abort();
     mailbox.abort();
     if let Some(g) = gossip {

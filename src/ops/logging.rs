@@ -4,13 +4,18 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -35,13 +40,25 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        // Only the message: structured fields (task_id, ...) are for the JSON format.
+        // Our own lines carry only the message: their structured fields (task_id, ...) are for
+        // the JSON format. A library's line (lapin's "Connection error") keeps its fields, since
+        // the cause is in them.
         let mut fields = Fields::default();
         event.record(&mut fields);
         let now = chrono::Local::now();
         let level = level_name(event.metadata().level());
-        let message = fields.0.get("message").and_then(Value::as_str).unwrap_or("");
-        writeln!(writer, "[{}: {level}/MainProcess] {message}", now.format("%Y-%m-%d %H:%M:%S,%3f"))
+        let message = fields.0.remove("message");
+        let message = message.as_ref().and_then(Value::as_str).unwrap_or("");
+        write!(writer, "[{}: {level}/MainProcess] {message}", now.format("%Y-%m-%d %H:%M:%S,%3f"))?;
+        if !event.metadata().target().starts_with(env!("CARGO_CRATE_NAME")) {
+            for (name, value) in &fields.0 {
+                match value {
+                    Value::String(s) => write!(writer, " {name}={s}")?,
+                    other => write!(writer, " {name}={other}")?,
+                }
+            }
+        }
+        writeln!(writer)
     }
 }
 
@@ -113,13 +130,31 @@ impl std::io::Write for SharedFile {
     }
 }
 
+/// Set once the worker starts closing its broker connections: from then on, what the AMQP client
+/// says about a connection is about one being thrown away on purpose (a frame or heartbeat
+/// caught between our `connection.close` and the broker's reply), not news for the user.
+static BROKER_CLIENT_QUIET: AtomicBool = AtomicBool::new(false);
+
+/// The worker is tearing its broker connections down: silence the AMQP client's own log lines.
+/// Our lines about the consequences (a message not acked, not restored) still reach the log.
+pub fn quiet_broker_client() {
+    BROKER_CLIENT_QUIET.store(true, Ordering::Relaxed);
+}
+
 /// Install the supervisor's logger: stderr (where the children log too) or `--logfile`.
 pub fn init(loglevel: &str, format: LogFormat, logfile: Option<&Path>) -> std::io::Result<()> {
     // lapin warns of every message the broker returns, but the one celeriac gets back (mingle's
     // unrouted `hello`: no other worker) is expected and handled.
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse_lossy(format!("{},lapin::returned_messages=error", level_filter(loglevel)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Asked at every event only for lapin's lines that pass the level filter (it sits inside it).
+    let quiet = tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+        !(BROKER_CLIENT_QUIET.load(Ordering::Relaxed) && meta.target().starts_with("lapin"))
+    })
+    .with_callsite_filter(|meta| match meta.target().starts_with("lapin") {
+        true => Interest::sometimes(),
+        false => Interest::always(),
+    });
     let file = logfile.map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p)).transpose()?;
     let file = file.map(std::sync::Arc::new);
     let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {
@@ -128,9 +163,46 @@ pub fn init(loglevel: &str, format: LogFormat, logfile: Option<&Path>) -> std::i
             None => Box::new(std::io::stderr()),
         }
     });
-    let _ = match format {
-        LogFormat::Text => builder.with_writer(writer).event_format(CeleryFormat).try_init(),
-        LogFormat::Json => builder.with_writer(writer).event_format(JsonFormat).try_init(),
+    let lines = tracing_subscriber::fmt::layer().with_writer(writer);
+    let lines = match format {
+        LogFormat::Text => lines.event_format(CeleryFormat).boxed(),
+        LogFormat::Json => lines.event_format(JsonFormat).boxed(),
     };
+    let _ = tracing_subscriber::registry().with(quiet).with(filter).with(lines).try_init();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn text_lines_keep_a_librarys_fields_and_drop_our_own() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || sink.clone()).event_format(CeleryFormat).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "lapin::channels", error = "IO error: broken pipe", "Connection error");
+            tracing::info!(task_id = "t-1", "Task add[t-1] received");
+        });
+        let text = String::from_utf8(captured.0.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("ERROR/MainProcess] Connection error error=IO error: broken pipe"), "{text}");
+        assert!(lines[1].ends_with("INFO/MainProcess] Task add[t-1] received"), "{text}");
+    }
 }
