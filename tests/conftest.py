@@ -367,6 +367,19 @@ def needs(*features):
 BROKERS = {"amqp": AmqpBroker, "redis": RedisBroker, "filesystem": FolderBroker, "sqs": SqsBroker}
 
 
+def wait_until(check, timeout=10.0, what="condition", interval=0.05):
+    """Poll `check` until it returns something truthy, and return that; fail the test after
+    `timeout` s with `what` (a string, or a callable giving one, evaluated only then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what} not reached within {timeout}s")
+        time.sleep(interval)
+
+
 @pytest.fixture
 def broker():
     """The broker the suite runs on, emptied before the test (and the result backend too)."""

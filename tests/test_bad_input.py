@@ -9,7 +9,7 @@ import pytest
 from celery.exceptions import NotRegistered
 
 import testapp
-from conftest import only_on
+from conftest import only_on, wait_until
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "1"]
 
@@ -63,7 +63,7 @@ def test_unregistered_task_is_rejected_and_stored_as_failure(worker, broker):
         r.get(timeout=10)
     assert "Received unregistered task of type 'no.such.task'" in w.log()
     still_serving()
-    assert broker.unacked() == 0 and broker.ready("celery") == 0
+    wait_until(lambda: broker.unacked() == 0 and broker.ready("celery") == 0, what="an empty queue")
 
 
 @only_on("redis", "filesystem", "sqs")  # crafts raw kombu envelopes (AMQP has none)
@@ -73,7 +73,7 @@ def test_body_that_is_not_json(worker, broker):
     broker.put_raw("celery", envelope(b"{this is not json", v2_headers("testapp.add", task_id)))
     still_serving()
     w.wait_for("Can't decode message body")
-    assert broker.unacked() == 0  # acked, as stock does, so it does not loop
+    wait_until(lambda: broker.unacked() == 0, what="nothing unacked")  # acked, as stock does, so it does not loop
     # Beyond stock (PENDING forever): the failure is stored for whoever waits on the result.
     assert failure_of(task_id) == "DecodeError"
 
@@ -86,7 +86,7 @@ def test_unsupported_content_type_is_rejected(worker, broker):
                                     content_type="application/x-python-serialize"))
     still_serving()
     w.wait_for("Refusing to deserialize untrusted content of type application/x-python-serialize")
-    assert broker.unacked() == 0
+    wait_until(lambda: broker.unacked() == 0, what="nothing unacked")
     assert failure_of(task_id) == "ContentDisallowed"
 
 
@@ -98,7 +98,7 @@ def test_missing_headers_unknown_message(worker, broker):
     still_serving()
     w.wait_for("Received and deleted unknown message")
     assert w.log().count("Received and deleted unknown message") == 2
-    assert broker.unacked() == 0
+    wait_until(lambda: broker.unacked() == 0, what="nothing unacked")
 
 
 @only_on("redis", "filesystem", "sqs")  # crafts raw kombu envelopes (AMQP has none)
@@ -113,7 +113,7 @@ def test_bad_eta_and_missing_id(worker, broker):
     still_serving()
     w.wait_for("invalid eta value")
     w.wait_for("has no id")
-    assert broker.unacked() == 0
+    wait_until(lambda: broker.unacked() == 0, what="nothing unacked")
 
 
 @only_on("redis", "filesystem", "sqs")  # crafts raw kombu envelopes (AMQP has none)
@@ -127,7 +127,7 @@ def test_kwargs_not_a_mapping_is_reported_as_stock_does(worker, broker):
     still_serving()
     w.wait_for("Task keyword arguments is not a mapping")
     assert failure_of(task_id) == "InvalidTaskError"
-    assert broker.unacked() == 0
+    wait_until(lambda: broker.unacked() == 0, what="nothing unacked")
 
 
 @only_on("redis", "filesystem", "sqs")  # crafts raw kombu envelopes (AMQP has none)

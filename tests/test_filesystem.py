@@ -18,7 +18,7 @@ import pytest
 from celery import Celery, chord
 
 import testapp
-from conftest import APPS, BACKEND_URL, BROKER_KIND, folder_options, share_one_queue, wait_started
+from conftest import APPS, BACKEND_URL, BROKER_KIND, folder_options, share_one_queue, wait_started, wait_until
 
 pytestmark = pytest.mark.skipif(BROKER_KIND != "filesystem", reason="the folder's own scenarios run in its pass")
 
@@ -56,13 +56,6 @@ def held(fs):
 
 def send(fs, name, *args, **options):
     return fs.app.send_task(f"testapp.{name}", args, **options)
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_stock_producer_layout_eta_and_canvas(worker, broker, fs):

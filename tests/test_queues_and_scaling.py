@@ -11,7 +11,7 @@ import time
 import uuid
 
 import testapp
-from conftest import APPS, needs, wait_started
+from conftest import APPS, needs, wait_started, wait_until
 
 NODE = "ops@testhost"
 
@@ -26,16 +26,6 @@ def control(*args):
 
 def stats():
     return testapp.app.control.inspect(destination=[NODE], timeout=2).stats()[NODE]
-
-
-def wait_until(check, timeout=15.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 @needs("remote_control")
@@ -99,12 +89,12 @@ def test_autoscale_grows_with_load_and_shrinks_after_keepalive(worker):
     assert len(stats()["pool"]["processes"]) == 3
     assert [r.get(timeout=20) for r in running] == [3, 3, 3]
     # Idle for longer than the keepalive: back to the minimum.
-    wait_until(lambda: stats()["autoscaler"]["current"] == 1, what="shrink to min")
+    wait_until(lambda: stats()["autoscaler"]["current"] == 1, timeout=15, what="shrink to min")
     w.wait_for("Scaling down 2 processes.")
     assert testapp.add.delay(2, 2).get(timeout=15) == 4
 
     assert "autoscale now max=2 min=2" in control("autoscale", "2", "2")
-    wait_until(lambda: len(stats()["pool"]["processes"]) == 2, what="grow to the new min")
+    wait_until(lambda: len(stats()["pool"]["processes"]) == 2, timeout=15, what="grow to the new min")
     assert stats()["prefetch_count"] == 2 * 4
     refused = testapp.app.control.pool_grow(1, reply=True, destination=[NODE])
     assert refused == [{NODE: {"error": "pool_grow is not supported with autoscale. Adjust autoscale range instead."}}]

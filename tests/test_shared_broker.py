@@ -8,25 +8,15 @@ run by both, nothing left behind in the broker, and celeriac still shuts down cl
 import re
 import signal
 import sys
-import time
 import uuid
 
 import pytest
 
 import testapp
-from conftest import BROKER_KIND
+from conftest import BROKER_KIND, wait_until
 
 TASKS = 2000
 SUCCEEDED = re.compile(r"Task testapp\.count\[([0-9a-f-]{36})\] succeeded in")
-
-
-def wait_until(predicate, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # kombu's folder transport writes a message file in place and its consumer reads without the
@@ -50,11 +40,11 @@ def test_stock_worker_and_celeriac_share_a_queue(worker, broker, backend):
     def logs():
         return f"--- stock ---\n{stock.log()[-3000:]}\n--- celeriac ---\n{ours.log()[-3000:]}"
 
-    assert wait_until(lambda: backend.hlen(key) >= TASKS, timeout=45, interval=0.1), (
-        f"only {backend.hlen(key)} of {TASKS} tasks ran within 45s\n{logs()}")
+    wait_until(lambda: backend.hlen(key) >= TASKS, timeout=45, interval=0.1,
+               what=lambda: f"{TASKS} tasks run (only {backend.hlen(key)})\n{logs()}")
     # The last acknowledgements can trail the last task's HINCRBY by a moment.
-    assert wait_until(lambda: broker.ready("celery") == 0 and broker.unacked() == 0, timeout=10), (
-        f"left in the broker: ready={broker.ready('celery')} unacked={broker.unacked()}\n{logs()}")
+    wait_until(lambda: broker.ready("celery") == 0 and broker.unacked() == 0,
+               what=lambda: f"an empty broker (ready={broker.ready('celery')} unacked={broker.unacked()})\n{logs()}")
     assert broker.ready("celery") == 0
     assert broker.unacked() == 0
 

@@ -21,7 +21,7 @@ from kombu import Queue
 
 import conftest
 import testapp
-from conftest import BACKEND_URL, BROKER_KIND, share_one_queue, wait_started
+from conftest import BACKEND_URL, BROKER_KIND, share_one_queue, wait_started, wait_until
 
 pytestmark = pytest.mark.skipif(BROKER_KIND != "sqs", reason="SQS's own scenarios run in the SQS pass")
 
@@ -69,13 +69,6 @@ def counts(sqs, name="celery"):
         QueueUrl=queue_url(sqs, name),
         AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
     return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def send(app, name, *args, **options):
