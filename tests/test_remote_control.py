@@ -11,7 +11,7 @@ import pytest
 from celery.exceptions import TaskRevokedError
 
 import testapp
-from conftest import APPS, BROKER_KIND, wait_started
+from conftest import APPS, BROKER_KIND, wait_started, wait_until
 
 NODE = "rc@testhost"
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2", "-n", NODE]
@@ -211,7 +211,10 @@ def test_mingle_with_a_stock_worker(worker):
                    command=[sys.executable, "-m", "celery"], name="stock")
     stock.wait_ready(timeout=60)
     doomed = str(uuid.uuid4())
-    assert testapp.app.control.revoke(doomed, destination=["stock@testhost"], reply=True, timeout=5)
+    # Under load stock can say "ready." before its pidbox subscription (Redis pub/sub) is live: a broadcast
+    # sent in between is lost, so ask again until it answers (revoking twice is harmless).
+    wait_until(lambda: testapp.app.control.revoke(doomed, destination=["stock@testhost"], reply=True, timeout=2),
+               timeout=30, what="a reply from the stock worker")
     ours = worker(WORKER).wait_ready()
     assert "mingle: sync with 1 nodes" in ours.log()
     assert doomed in inspect().revoked()[NODE]
