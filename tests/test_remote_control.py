@@ -211,8 +211,8 @@ def test_mingle_with_a_stock_worker(worker):
                    command=[sys.executable, "-m", "celery"], name="stock")
     stock.wait_ready(timeout=60)
     doomed = str(uuid.uuid4())
-    # Under load stock can say "ready." before its pidbox subscription (Redis pub/sub) is live: a broadcast
-    # sent in between is lost, so ask again until it answers (revoking twice is harmless).
+    # Under load stock can say "ready." before its pidbox subscription (Redis pub/sub) is live:
+    # a broadcast sent in between is lost, so ask again until it answers (revoking twice is harmless).
     wait_until(lambda: testapp.app.control.revoke(doomed, destination=["stock@testhost"], reply=True, timeout=2),
                timeout=30, what="a reply from the stock worker")
     ours = worker(WORKER).wait_ready()
