@@ -226,10 +226,12 @@ class SqsBroker:
 
 
 def start_moto(port):
-    """moto's SQS server on 127.0.0.1:`port`, once it accepts connections."""
+    """moto's SQS server on 127.0.0.1:`port` (its operations made atomic: sqs_server.py), once it
+    accepts connections."""
     # Each test purges the queues: lift real SQS's one purge a minute.
     env = {**os.environ, "MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    server = Path(__file__).with_name("sqs_server.py")
+    proc = subprocess.Popen([sys.executable, str(server), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 30
     while True:
