@@ -583,6 +583,7 @@ impl Consumer {
                 tokio::time::Instant::now() + std::time::Duration::from_secs_f64(self.events.freq.max(0.1));
             info!("{} ready.", self.settings.hostname);
             self.worker_signals.push(json!({"signal": "worker_ready"}));
+            crate::ops::resident::release_startup_pages();
         }
     }
 

@@ -1,4 +1,4 @@
-//! Process-level concerns: logging, signals, pidfile, daemonizing, the start-up banner.
+//! Process-level concerns: logging, signals, pidfile, daemonizing, the start-up banner, resident memory.
 
 pub mod banner;
 pub mod daemon;
@@ -7,4 +7,5 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod pidfile;
+pub mod resident;
 pub mod signals;
