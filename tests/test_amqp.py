@@ -10,7 +10,7 @@ import pytest
 from celery import Celery
 
 import testapp
-from conftest import BACKEND_URL, BROKER_URL, only_on, wait_started
+from conftest import BACKEND_URL, BROKER_URL, only_on, wait_started, wait_until
 
 pytestmark = only_on("amqp")
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
@@ -97,9 +97,8 @@ def test_connection_closed_by_the_broker_mid_load(worker, broker):
         for pid in celeriac_connections():
             rabbitmqctl("close_connection", pid, "test: cut the connection")
         w.wait_for("Connection to broker lost")
-    deadline = time.time() + 90
-    while runs.hlen(key) < len(ids) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: runs.hlen(key) >= len(ids), timeout=90, interval=0.1,
+               what=lambda: f"every task run ({len(ids) - runs.hlen(key)} never ran)")
     done = {k.decode() for k in runs.hkeys(key)}
     assert done == set(ids), f"{len(set(ids) - done)} tasks never ran"
     assert w.log().count("Connected to") >= 2  # reconnected
@@ -114,19 +113,15 @@ def test_warm_shutdown_closes_every_connection_cleanly(worker, broker):
     key = f"ran:{uuid.uuid4()}"
     ids = [testapp.count.delay(key).id for _ in range(2000)]
     runs = testapp._redis()
-    deadline = time.time() + 60
-    while runs.hlen(key) < len(ids) and time.time() < deadline:
-        time.sleep(0.05)
-    assert runs.hlen(key) == len(ids)
+    wait_until(lambda: runs.hlen(key) == len(ids), timeout=60,
+               what=lambda: f"all {len(ids)} tasks run (ran {runs.hlen(key)})")
     assert len(celeriac_connections()) >= 3
     assert w.stop() == 0
     log = w.log()
     assert "ERROR" not in log, log[-3000:]
     assert "BasicReturnMessage" not in log
-    deadline = time.time() + 10
-    while celeriac_connections() and time.time() < deadline:
-        time.sleep(0.2)
-    assert celeriac_connections() == []
+    wait_until(lambda: celeriac_connections() == [], timeout=10, interval=0.2,
+               what=lambda: f"no connection left (still {celeriac_connections()})")
 
 
 def test_queue_deleted_under_the_consumer(worker, broker):
@@ -162,10 +157,7 @@ def test_cancel_long_running_tasks_on_connection_loss(worker, broker):
         rabbitmqctl("close_connection", pid, "test: cut the connection")
     w.wait_for("Terminating it instead")
     # Marked RETRY ("cancelled by Celery") at once, then redelivered by the broker and run again.
-    deadline = time.time() + 10
-    while r.state != "RETRY" and time.time() < deadline:
-        time.sleep(0.05)
-    assert r.state == "RETRY"
+    wait_until(lambda: r.state == "RETRY", timeout=10, what=lambda: f"state RETRY (is {r.state})")
     assert r.get(timeout=30) == 3
     assert testapp._redis().lrange(marker, 0, -1).count(b"start") == 2
 

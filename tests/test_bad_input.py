@@ -2,7 +2,6 @@
 
 import base64
 import json
-import time
 import uuid
 
 import pytest
@@ -44,11 +43,9 @@ def v2_headers(task, task_id):
 
 def failure_of(task_id, timeout=10):
     """The exception type stored for a task that could not run."""
-    deadline = time.monotonic() + timeout
     result = testapp.app.AsyncResult(task_id)
-    while result.state != "FAILURE":
-        assert time.monotonic() < deadline, f"{task_id} is {result.state}, not FAILURE"
-        time.sleep(0.05)
+    wait_until(lambda: result.state == "FAILURE", timeout=timeout,
+               what=lambda: f"FAILURE for {task_id} (is {result.state})")
     return type(result.result).__name__
 
 

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 
-from conftest import BACKEND_URL
+from conftest import BACKEND_URL, wait_until
 
 NODE = "beat@testhost"
 
@@ -223,10 +223,8 @@ def test_django_celery_beat_schedules_edited_while_running(worker, tmp_path):
           "PeriodicTask.objects.create(name='count', task='notes.tasks.count_notes', interval=every)\n")
     w = worker(["-A", "core", "worker", "-B", "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"],
                cwd=project, env=env).wait_ready()
-    deadline = time.time() + 30
-    while w.log().count("Sending due task count (notes.tasks.count_notes)") < 3 and time.time() < deadline:
-        time.sleep(0.2)
-    assert w.log().count("Sending due task count (notes.tasks.count_notes)") >= 3
+    wait_until(lambda: w.log().count("Sending due task count (notes.tasks.count_notes)") >= 3, timeout=30,
+               interval=0.2, what="three sends of `count`")
     assert "succeeded" in w.log()
     # Edited while running: `count` disabled, `add` created.
     shell(models + "task = PeriodicTask.objects.get(name='count'); task.enabled = False; task.save()\n"

@@ -11,6 +11,7 @@ from celery import chord, group
 from celery.exceptions import ChordError
 
 import testapp
+from conftest import wait_until
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
@@ -58,10 +59,7 @@ def test_root_with_pickle_is_refused_as_stock(worker):
 def test_track_started_and_custom_states(worker):
     worker(WORKER, env={"TESTAPP_TRACK_STARTED": "1"}).wait_ready()
     r = testapp.sleep.delay(1)
-    deadline = time.time() + 5
-    while r.state != "STARTED" and time.time() < deadline:
-        time.sleep(0.02)
-    assert r.state == "STARTED"
+    wait_until(lambda: r.state == "STARTED", timeout=5, interval=0.02, what=lambda: f"state STARTED (is {r.state})")
     assert r.get(timeout=10) == 1
     p = testapp.progress.delay(3)
     seen = set()
@@ -90,10 +88,8 @@ def test_link_and_link_error(worker):
     bad = testapp.fail.apply_async(("nope",), link_error=testapp.on_error.s())
     with pytest.raises(testapp.TestError):
         bad.get(timeout=10)
-    deadline = time.time() + 10
-    while testapp._redis().get(f"errback:{bad.id}") is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert b"nope" in testapp._redis().get(f"errback:{bad.id}")
+    errback = wait_until(lambda: testapp._redis().get(f"errback:{bad.id}"), timeout=10, what="the errback's record")
+    assert b"nope" in errback
 
 
 def test_nested_workflow_and_chord_error(worker):

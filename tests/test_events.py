@@ -6,6 +6,7 @@ import time
 import pytest
 
 import testapp
+from conftest import wait_until
 
 NODE = "ev@testhost"
 
@@ -34,13 +35,8 @@ class Collector:
         return [e for e in self.events if e["type"] == kind and all(e.get(k) == v for k, v in match.items())]
 
     def wait_for(self, kind, timeout=15, **match):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            found = self.of(kind, **match)
-            if found:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"no {kind} {match}; saw {[e['type'] for e in self.events]}")
+        return wait_until(lambda: self.of(kind, **match), timeout=timeout,
+                          what=lambda: f"a {kind} {match} (saw {[e['type'] for e in self.events]})")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 import testapp
-from conftest import BROKER_KIND, BROKER_URL, REDIS_PORT, free_port, http_get
+from conftest import BROKER_KIND, BROKER_URL, REDIS_PORT, free_port, http_get, wait_until
 
 pytestmark = pytest.mark.skipif(BROKER_KIND not in ("amqp", "redis"), reason="fault scenarios run on RabbitMQ and Redis")
 
@@ -80,10 +80,8 @@ class Ledger:
         return {k.decode(): int(v) for k, v in testapp._redis().hgetall(self.key).items()}
 
     def wait_runs(self, at_least, timeout=60):
-        deadline = time.monotonic() + timeout
-        while testapp._redis().hlen(self.key) < at_least:
-            assert time.monotonic() < deadline, f"only {testapp._redis().hlen(self.key)} of {at_least} ran"
-            time.sleep(0.01)
+        wait_until(lambda: testapp._redis().hlen(self.key) >= at_least, timeout=timeout, interval=0.01,
+                   what=lambda: f"{at_least} runs (only {testapp._redis().hlen(self.key)} ran)")
 
     def states(self):
         """id -> stored meta (None: no result)."""
@@ -215,10 +213,8 @@ def test_zygote_killed_under_load(worker, broker, backend):
     assert w.wait_exit(timeout=10) == 1
     assert time.monotonic() - killed < 5, "the worker took its time to notice"
     assert "The zygote process died" in w.log()
-    deadline = time.monotonic() + 5
-    while any(alive(c) for c in children):
-        assert time.monotonic() < deadline, "pool children outlived their zygote"
-        time.sleep(0.05)
+    wait_until(lambda: not any(alive(c) for c in children), timeout=5,
+               what="pool children gone (they outlived their zygote)")
     worker(WORKER, env=FAST_RESTORE).wait_ready()
     ledger.wait_done(all_succeeded, timeout=120)
     assert testapp.add.delay(1, 1).get(timeout=10) == 2
@@ -335,17 +331,13 @@ def test_broker_connection_cut_under_load(worker, broker, backend, cutting_proxy
     for i in range(3):
         ledger.wait_runs(400 * (i + 1))
         cutting_proxy.cut(refuse_for=2.0)
-        deadline = time.monotonic() + 2.0
-        while http_get(port, "/readyz")[0] != 503:
-            assert time.monotonic() < deadline, "/readyz still ready with the broker unreachable"
-            time.sleep(0.05)
+        wait_until(lambda: http_get(port, "/readyz")[0] == 503, timeout=2.0,
+                   what="/readyz unready with the broker unreachable")
     ledger.wait_done(all_succeeded, timeout=120)
     runs = ledger.runs()
     assert all(runs.get(t, 0) >= 1 for t in ledger.ids)
-    deadline = time.monotonic() + 10
-    while http_get(port, "/readyz")[0] != 200:
-        assert time.monotonic() < deadline, "/readyz not ready again after reconnecting"
-        time.sleep(0.1)
+    wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=10, interval=0.1,
+               what="/readyz ready again after reconnecting")
     assert testapp.add.delay(1, 1).get(timeout=10) == 2
     assert w.proc.poll() is None
 
@@ -453,18 +445,14 @@ def test_broker_restarted_under_load(worker, broker, backend, restartable_broker
     for i in range(2):
         ledger.wait_runs(400 * (i + 1))
         restartable_broker.stop()
-        deadline = time.monotonic() + 10
-        while http_get(port, "/readyz")[0] != 503:
-            assert time.monotonic() < deadline, "/readyz still ready with the broker stopped"
-            time.sleep(0.05)
+        wait_until(lambda: http_get(port, "/readyz")[0] == 503, timeout=10,
+                   what="/readyz unready with the broker stopped")
         time.sleep(1)
         restartable_broker.start()
     ledger.wait_done(all_succeeded, timeout=180)
     assert all(n >= 1 for n in ledger.runs().values()) and len(ledger.runs()) == len(ledger.ids)
-    deadline = time.monotonic() + 20
-    while http_get(port, "/readyz")[0] != 200:
-        assert time.monotonic() < deadline, "/readyz not ready again after the broker came back"
-        time.sleep(0.1)
+    wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=20, interval=0.1,
+               what="/readyz ready again after the broker came back")
     assert w.proc.poll() is None
     assert "Trying to re-establish the connection" in w.log() or "reconnect" in w.log().lower()
 

@@ -3,7 +3,7 @@
 import time
 
 import testapp
-from conftest import free_port
+from conftest import free_port, wait_until
 from conftest import http_get as get
 
 
@@ -13,9 +13,7 @@ def test_health_readiness_and_metrics(worker):
                env={"CELERIAC_HTTP_PORT": str(port)})
     w.wait_ready()
     assert get(port, "/healthz") == (200, "ok\n")
-    deadline = time.time() + 5
-    while get(port, "/readyz")[0] != 200 and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: get(port, "/readyz")[0] == 200, timeout=5, interval=0.1, what="/readyz ready")
     assert get(port, "/readyz") == (200, "ready\n")
     assert testapp.add.delay(1, 2).get(timeout=10) == 3
     import pytest
@@ -50,8 +48,6 @@ def test_reconnects_are_counted(worker):
     for pid in celeriac_connections():
         rabbitmqctl("close_connection", pid, "test")
     w.wait_for("Connection to broker lost")
-    deadline = time.time() + 10
-    while "celeriac_broker_reconnects_total 1" not in get(port, "/metrics")[1] and time.time() < deadline:
-        time.sleep(0.1)
-    assert "celeriac_broker_reconnects_total 1" in get(port, "/metrics")[1]
+    wait_until(lambda: "celeriac_broker_reconnects_total 1" in get(port, "/metrics")[1], timeout=10, interval=0.1,
+               what="celeriac_broker_reconnects_total 1 in /metrics")
     assert testapp.add.delay(1, 1).get(timeout=10) == 2

@@ -11,7 +11,7 @@ import pytest
 from billiard.exceptions import WorkerLostError
 
 import testapp
-from conftest import wait_started
+from conftest import wait_started, wait_until
 
 
 def test_json_log_format(worker):
@@ -75,10 +75,9 @@ def test_detach_with_pidfile_and_logfile(worker, tmp_path):
     launcher = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--detach",
                        "--pidfile", str(pidfile), "-f", str(logfile)])
     assert launcher.wait_exit(10) == 0  # the launching process returns at once
-    deadline = time.time() + 30
-    while not (pidfile.exists() and logfile.exists() and " ready." in logfile.read_text()):
-        assert time.time() < deadline, logfile.read_text() if logfile.exists() else "no log file"
-        time.sleep(0.1)
+    wait_until(lambda: pidfile.exists() and logfile.exists() and " ready." in logfile.read_text(), timeout=30,
+               interval=0.1, what=lambda: "a pidfile and a ready worker; log: "
+               + (logfile.read_text() if logfile.exists() else "no log file"))
     pid = int(pidfile.read_text())
     try:
         assert pid != launcher.pid and _alive(pid)
@@ -86,10 +85,7 @@ def test_detach_with_pidfile_and_logfile(worker, tmp_path):
         assert testapp.add.delay(20, 22).get(timeout=10) == 42
         assert launcher.log() == ""  # nothing went to the terminal it left
         os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 20
-        while _alive(pid) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not _alive(pid)
+        wait_until(lambda: not _alive(pid), timeout=20, interval=0.1, what=f"worker {pid} gone after SIGTERM")
         assert not pidfile.exists()
         assert "Warm shutdown" in logfile.read_text()
     finally:

@@ -183,10 +183,7 @@ def test_task_revoked_signal_runs(worker, tmp_path):
     with pytest.raises(TaskRevokedError):
         r.get(timeout=10)
     w.wait_for(f"Discarding revoked task: testapp.add[{r.id}]")
-    deadline = time.time() + 5
-    while "task_revoked" not in log.read_text() and time.time() < deadline:
-        time.sleep(0.05)
-    assert "task_revoked" in log.read_text()
+    wait_until(lambda: "task_revoked" in log.read_text(), timeout=5, what="task_revoked in the signal log")
 
 
 def test_mingle_syncs_revoked_ids_with_a_running_worker(worker):
@@ -223,19 +220,16 @@ def test_mingle_with_a_stock_worker(worker):
 def test_pool_grow_and_shrink(worker):
     worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "-n", NODE]).wait_ready()
     assert testapp.app.control.pool_grow(2, reply=True, destination=[NODE]) == [{NODE: {"ok": "pool will grow"}}]
-    deadline = time.time() + 15
-    while len(inspect().stats()[NODE]["pool"]["processes"]) < 3 and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: len(inspect().stats()[NODE]["pool"]["processes"]) >= 3, timeout=15, interval=0.2,
+               what="three pool processes")
     stats = inspect().stats()[NODE]
     assert stats["pool"]["max-concurrency"] == 3 and len(stats["pool"]["processes"]) == 3
     # Three tasks run side by side now.
     names = {r.get(timeout=15) for r in [testapp.procname.delay(0.8) for _ in range(3)]}
     assert len(names) == 3
     assert testapp.app.control.pool_shrink(2, reply=True, destination=[NODE]) == [{NODE: {"ok": "pool will shrink"}}]
-    deadline = time.time() + 15
-    while len(inspect().stats()[NODE]["pool"]["processes"]) > 1 and time.time() < deadline:
-        time.sleep(0.2)
-    assert len(inspect().stats()[NODE]["pool"]["processes"]) == 1
+    wait_until(lambda: len(inspect().stats()[NODE]["pool"]["processes"]) == 1, timeout=15, interval=0.2,
+               what=lambda: f"one pool process (has {inspect().stats()[NODE]['pool']['processes']})")
     bad = testapp.app.control.pool_shrink(1, reply=True, destination=[NODE])
     assert bad == [{NODE: {"error": "pool already at minimum"}}]
     assert testapp.add.delay(1, 1).get(timeout=10) == 2

@@ -9,6 +9,7 @@ from billiard.exceptions import WorkerLostError
 from celery.exceptions import MaxRetriesExceededError
 
 import testapp
+from conftest import wait_until
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
@@ -29,10 +30,7 @@ def test_retry_state_is_visible_then_success(worker):
     w = worker(WORKER).wait_ready()
     key = f"slow:{uuid.uuid4()}"
     r = testapp.slow_retry.delay(key)
-    deadline = time.time() + 10
-    while r.state != "RETRY" and time.time() < deadline:
-        time.sleep(0.02)
-    assert r.state == "RETRY"
+    wait_until(lambda: r.state == "RETRY", timeout=10, interval=0.02, what=lambda: f"state RETRY (is {r.state})")
     assert r.get(timeout=15) == "done"
     assert w.log().count(f"[{r.id}] received") == 2  # the retry is a new message, same id
 
@@ -96,7 +94,5 @@ def test_a_retry_never_finishes_before_the_run_that_sent_it(worker):
     worker(["-A", "testapp", "worker", "-l", "info", "-c", "2"]).wait_ready()
     results = [testapp.retry_at_once.delay() for _ in range(400)]
     assert [r.get(timeout=60) for r in results] == ["retried"] * 400
-    deadline = time.time() + 5
-    while any(r.state != "SUCCESS" for r in results):
-        assert time.time() < deadline, {r.state for r in results}
-        time.sleep(0.1)
+    wait_until(lambda: all(r.state == "SUCCESS" for r in results), timeout=5, interval=0.1,
+               what=lambda: f"every result SUCCESS (states: {set(r.state for r in results)})")

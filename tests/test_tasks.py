@@ -8,7 +8,7 @@ import pytest
 from celery import chain, chord, group
 
 import testapp
-from conftest import needs, only_on, producer_app
+from conftest import only_on, producer_app, wait_until
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
@@ -188,10 +188,8 @@ def test_prefetch_limits_unacked(worker, broker):
     results = [testapp.sleep.delay(2.0) for _ in range(4)]
     # One running (acked when it started), two prefetched, one left in the queue; RabbitMQ's
     # counters may take a moment to show it.
-    deadline = time.time() + 1.5
-    while (seen := (broker.unacked(), broker.ready("celery"))) != (2, 1) and time.time() < deadline:
-        time.sleep(0.1)
-    assert seen == (2, 1)
+    wait_until(lambda: (broker.unacked(), broker.ready("celery")) == (2, 1), timeout=1.5, interval=0.1,
+               what=lambda: f"2 unacked and 1 ready (saw {(broker.unacked(), broker.ready('celery'))})")
     for r in results:
         r.get(timeout=20)
 
@@ -223,9 +221,7 @@ def test_reject_requeue_true_with_acks_late_runs_again(worker):
 def test_expired_before_it_could_run_is_revoked(worker):
     w = worker(WORKER).wait_ready()
     r = testapp.add.apply_async((1, 1), countdown=1.5, expires=0.5)
-    deadline = time.time() + 10
-    while r.state == "PENDING" and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: r.state != "PENDING", timeout=10, what="a state past PENDING")
     assert r.state == "REVOKED"
     assert f"Discarding revoked task: testapp.add[{r.id}]" in w.log()
     still = testapp.add.delay(2, 2)
