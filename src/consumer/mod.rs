@@ -10,7 +10,7 @@ mod rate_limit;
 mod remote_control;
 mod request;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -275,12 +275,24 @@ impl Consumer {
             self.update_gauges();
             match self.stopping {
                 Some(Stop::Cold) => return self.finish(Stop::Cold, 1).await,
-                Some(warm @ Stop::Warm { exit_code }) if self.active.is_empty() && self.ready.is_empty() => {
+                Some(warm @ Stop::Warm { exit_code }) if self.warm_shutdown_done() => {
                     return self.finish(warm, exit_code).await
                 }
                 _ => {}
             }
         }
+    }
+
+    /// Nothing runs, nothing waits for a child, and no task whose child died still waits for
+    /// that child's exit status to be recorded as lost. Without the zygote no child can record
+    /// anything any more: done once the running ones are gone.
+    fn warm_shutdown_done(&self) -> bool {
+        self.active.is_empty() && (self.zygote_gone || self.ready.is_empty() && self.lost.is_empty())
+    }
+
+    /// Stopping, or about to: a stop signal has arrived even if it has not reached us yet.
+    fn shutting_down(&self) -> bool {
+        self.stopping.is_some() || crate::ops::signals::stop_signalled()
     }
 
     fn settle(&self, op: Settle, frees_slot: bool) {
@@ -602,12 +614,15 @@ impl Consumer {
         self.queued.values().map(|r| &**r).chain(self.ready.iter().filter_map(Job::task)).chain(self.rate_limits.iter())
     }
 
-    /// Bring the pool to `concurrency` after `pool_grow` / `pool_shrink`.
+    /// Bring the pool to `concurrency` after `pool_grow` / `pool_shrink`. On the way out no
+    /// child is replaced (a SIGTERM to the process group kills them with us), but one is kept
+    /// while a job still waits for a child: a lost task's WorkerLostError is recorded by one.
     async fn resize_pool(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        while self.pool.serving() < self.concurrency {
+        let wanted = match self.shutting_down() {
+            true => usize::from(!self.ready.is_empty() && !self.zygote_gone),
+            false => self.concurrency,
+        };
+        while self.pool.serving() < wanted {
             if let Err(e) = self.pool.spawn_child().await {
                 error!("Could not grow the pool: {e}");
                 break;
@@ -854,7 +869,7 @@ impl Consumer {
                         }
                     }
                     (Some(pid), None) => {
-                        if self.stopping.is_none() {
+                        if !self.shutting_down() {
                             match self.exits.remove(&pid) {
                                 Some(status) if !status.is_clean() => {
                                     error!("Process 'ForkPoolWorker-{index}' pid:{pid} exited with '{status}'")
@@ -864,7 +879,7 @@ impl Consumer {
                         }
                     }
                 }
-                if self.stopping.is_none() && self.pool.serving() < self.concurrency {
+                if !self.shutting_down() && self.pool.serving() < self.concurrency {
                     self.metrics.child_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = self.pool.spawn_child().await {
                         error!("Could not replace ForkPoolWorker-{index}: {e}");
@@ -876,7 +891,7 @@ impl Consumer {
                     self.on_job_lost(index, pid, job, &status);
                 } else if self.pool.has_pid(pid) {
                     self.exits.insert(pid, status);
-                } else if self.stopping.is_none() && !status.is_clean() {
+                } else if !self.shutting_down() && !status.is_clean() {
                     error!("Process pid:{pid} exited with '{status}'");
                 }
             }
@@ -1174,17 +1189,27 @@ impl Consumer {
         if self.shutting_down_pending && !self.zygote_gone {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
-                if matches!(event, PoolEvent::ZygoteGone) {
-                    self.zygote_gone = true;
-                }
-                if self.zygote_gone || matches!(&event, PoolEvent::SignalSent(name) if name != "task_received") {
-                    break;
+                match event {
+                    PoolEvent::ZygoteGone => {
+                        self.zygote_gone = true;
+                        break;
+                    }
+                    PoolEvent::SignalSent(name) if name != "task_received" => break,
+                    // Kept for the wait below: a child may die meanwhile (a process-group SIGTERM).
+                    PoolEvent::Exited { pid, status } => {
+                        self.exits.insert(pid, status);
+                    }
+                    _ => {}
                 }
             }
         }
-        // How many children to wait for, counted before the pool forgets them (none when
-        // the zygote died: they died with it, and nobody is left to report their exits).
-        let expected = if self.zygote_gone { 0 } else { self.pool.len() };
+        // The children to wait for, counted before the pool forgets them: not those whose exit
+        // was already reported, and none when the zygote died (they died with it, and nobody is
+        // left to report their exits).
+        let mut expected: HashSet<i32> = match self.zygote_gone {
+            true => HashSet::new(),
+            false => self.pool.pids().into_iter().filter(|pid| !self.exits.contains_key(pid)).collect(),
+        };
         if how == Stop::Cold {
             // Running acks_late tasks were never acked: give them back for redelivery.
             for (_, job) in self.active.drain() {
@@ -1202,10 +1227,11 @@ impl Consumer {
         }
         // Wait (briefly) for children to leave so worker_process_shutdown handlers run.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut gone = 0;
-        while gone < expected {
+        while !expected.is_empty() {
             match tokio::time::timeout_at(deadline, self.pool_events.recv()).await {
-                Ok(Some(PoolEvent::Exited { .. })) => gone += 1,
+                Ok(Some(PoolEvent::Exited { pid, .. })) => {
+                    expected.remove(&pid);
+                }
                 Ok(Some(PoolEvent::ZygoteGone)) => {
                     self.zygote_gone = true;
                     break;

@@ -3,6 +3,7 @@
 //! and — for a worker without a terminal — SIGHUP a warm shutdown followed by a re-exec.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -23,6 +24,16 @@ pub fn restart_requested() -> bool {
     RESTART.load(Ordering::SeqCst)
 }
 
+/// Set by the signal handler itself, the moment a stop signal arrives, before the stop reaches
+/// the consumer. A SIGTERM sent to the whole process group (`kill -- -PGID`, `timeout`,
+/// systemd's control-group kill) also kills the pool children, whose deaths can reach the
+/// consumer first: this says they are part of the shutdown, not children to replace.
+static STOP_SIGNALLED: LazyLock<Arc<AtomicBool>> = LazyLock::new(|| Arc::new(AtomicBool::new(false)));
+
+pub fn stop_signalled() -> bool {
+    STOP_SIGNALLED.load(Ordering::SeqCst)
+}
+
 /// Forward shutdown signals to the async world. `REMAP_SIGTERM=SIGQUIT` makes SIGTERM cold.
 /// With `restart_on_hup`, SIGHUP restarts — only when stdout is not a terminal, as stock, so
 /// closing a terminal window does not restart a worker into the background.
@@ -32,6 +43,9 @@ pub fn listen(restart_on_hup: bool) -> std::io::Result<mpsc::UnboundedReceiver<S
     let mut wanted = vec![SIGTERM, SIGINT, SIGQUIT];
     if hup {
         wanted.push(SIGHUP);
+    }
+    for &sig in &wanted {
+        signal_hook::flag::register(sig, Arc::clone(&STOP_SIGNALLED))?;
     }
     let mut signals = Signals::new(wanted)?;
     let (tx, rx) = mpsc::unbounded_channel();
