@@ -70,6 +70,11 @@ def test_sigint_once_is_warm_with_exit_1(worker):
     assert "Warm shutdown" in w.log()
 
 
+def children_started(signal_log):
+    """The pool children that ran worker_process_init, from testapp's TESTAPP_SIGNAL_LOG."""
+    return [line for line in signal_log.read_text().splitlines() if line.startswith("worker_process_init ")]
+
+
 def test_sigterm_to_the_process_group_forks_no_new_children(worker, tmp_path):
     # `kill -- -PGID`, `timeout`, systemd's control-group kill: the pool children get the SIGTERM
     # too and die at once (celery resets it to the default in them). Their deaths may reach the
@@ -85,7 +90,7 @@ def test_sigterm_to_the_process_group_forks_no_new_children(worker, tmp_path):
         assert w.wait_exit(20) == 0, w.log()[-3000:]
         # Not waiting for the exits of children that are already gone.
         assert time.monotonic() - stopped < 5
-        inits = [line for line in log.read_text().splitlines() if line.startswith("worker_process_init ")]
+        inits = children_started(log)
         assert len(inits) == 2, f"children started: {inits}\n{w.log()[-3000:]}"
         assert "exited with" not in w.log(), w.log()[-3000:]
 
@@ -102,7 +107,7 @@ def test_sigterm_to_the_process_group_mid_task_records_the_loss_and_exits(worker
     assert w.wait_exit(20) == 0, w.log()[-3000:]
     with pytest.raises(WorkerLostError, match="signal 15"):
         r.get(timeout=5)
-    inits = [line for line in log.read_text().splitlines() if line.startswith("worker_process_init ")]
+    inits = children_started(log)
     assert len(inits) <= 3, f"children started: {inits}"
 
 
