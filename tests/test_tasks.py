@@ -147,14 +147,16 @@ def test_priorities_use_kombu_priority_lists(worker, broker):
 def test_acks_late_per_task_acks_after_return(worker, broker):
     worker(WORKER).wait_ready()
     marker = f"m:{uuid.uuid4()}"
-    r = testapp.late_sleep.delay(1.0, marker)
+    # Long enough for rabbitmqctl, which can take over a second on a busy machine, to answer
+    # while the task still runs.
+    r = testapp.late_sleep.delay(3.0, marker)
     deadline = time.time() + 10
     while time.time() < deadline:
         if testapp._redis().lrange(marker, 0, -1) == [b"start"]:
             break
         time.sleep(0.02)
     assert broker.unacked() == 1  # still unacked while running
-    assert r.get(timeout=10) == 1.0
+    assert r.get(timeout=10) == 3.0
     time.sleep(0.2)
     assert broker.unacked() == 0
 

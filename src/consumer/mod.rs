@@ -73,7 +73,7 @@ pub struct Consumer {
     /// The job each busy child is running.
     active: HashMap<usize, Job>,
     /// Requests written to a busy child behind its running job, not started yet (`pipeline`).
-    queued: HashMap<usize, Box<Request>>,
+    queued: HashMap<usize, pipeline::Queued>,
     pipeline: Pipeline,
     /// Jobs of children whose socket closed, waiting for the zygote's exit report.
     lost: HashMap<i32, (usize, Job)>,
@@ -611,7 +611,11 @@ impl Consumer {
     /// Requests received, not started and not waiting for an ETA (`inspect reserved`): queued
     /// behind a running task, ready, or held by a rate limit.
     fn reserved_requests(&self) -> impl Iterator<Item = &Request> {
-        self.queued.values().map(|r| &**r).chain(self.ready.iter().filter_map(Job::task)).chain(self.rate_limits.iter())
+        self.queued
+            .values()
+            .flat_map(pipeline::Queued::iter)
+            .chain(self.ready.iter().filter_map(Job::task))
+            .chain(self.rate_limits.iter())
     }
 
     /// Bring the pool to `concurrency` after `pool_grow` / `pool_shrink`. On the way out no
@@ -700,7 +704,11 @@ impl Consumer {
 
     /// A task with this id runs in a child now (or is queued behind a running one).
     fn runs_now(&self, id: &str) -> bool {
-        self.active.values().filter_map(Job::task).chain(self.queued.values().map(|r| &**r)).any(|r| r.message.id == id)
+        self.active
+            .values()
+            .filter_map(Job::task)
+            .chain(self.queued.values().flat_map(pipeline::Queued::iter))
+            .any(|r| r.message.id == id)
     }
 
     /// The next ready job to hand out: the first whose task id does not run here right now.
@@ -756,37 +764,47 @@ impl Consumer {
     /// Write the oldest ready request to each busy child whose running task is short
     /// (`pipeline`); it starts when that task is done.
     async fn queue_behind_running(&mut self) {
-        if self.stopping.is_some() || !self.ready.iter().any(|job| matches!(job, Job::Task(_))) {
+        if self.stopping.is_some() {
             return;
         }
         let now = Utc::now().timestamp_micros() as f64 / 1e6;
-        let behind: Vec<usize> = self
-            .active
-            .iter()
-            .filter(|(index, job)| {
-                !self.queued.contains_key(index) && job.task().is_some_and(|r| self.pipeline.may_queue_behind(r, now))
-            })
-            .map(|(index, _)| *index)
-            .collect();
-        for index in behind {
-            let Some(Job::Task(request)) = self.take_ready(true) else { return };
-            if let Some(why) = self.revoked_reason(&request) {
-                self.discard_revoked(*request, why);
-                continue;
-            }
-            let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
-            let bytes = frame::encode_task(&meta, &request.delivery.body);
-            if bytes.len() > pipeline::MAX_QUEUED_FRAME {
-                self.ready.push_front(Job::Task(request));
+        // Round by round, so every busy child gets one before any gets a second.
+        for _ in 0..pipeline::MAX_QUEUED {
+            if !self.ready.iter().any(|job| matches!(job, Job::Task(_))) {
                 return;
             }
-            if let Err(e) = self.pool.send(index, &bytes).await {
-                warn!("{e}; keeping the request for another child");
-                self.ready.push_front(Job::Task(request));
-                continue;
+            let behind: Vec<usize> = self
+                .active
+                .iter()
+                .filter(|(index, job)| {
+                    self.queued.get(index).is_none_or(pipeline::Queued::has_room)
+                        && job.task().is_some_and(|r| self.pipeline.may_queue_behind(r, now))
+                })
+                .map(|(index, _)| *index)
+                .collect();
+            if behind.is_empty() {
+                return;
             }
-            self.queued.insert(index, request);
-            self.metrics.pipelined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for index in behind {
+                let Some(Job::Task(request)) = self.take_ready(true) else { return };
+                if let Some(why) = self.revoked_reason(&request) {
+                    self.discard_revoked(*request, why);
+                    continue;
+                }
+                let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
+                let bytes = frame::encode_task(&meta, &request.delivery.body);
+                if !self.queued.get(&index).is_none_or(|queue| queue.fits(bytes.len())) {
+                    self.ready.push_front(Job::Task(request));
+                    continue;
+                }
+                if let Err(e) = self.pool.send(index, &bytes).await {
+                    warn!("{e}; keeping the request for another child");
+                    self.ready.push_front(Job::Task(request));
+                    continue;
+                }
+                self.queued.entry(index).or_default().push(request, bytes.len());
+                self.metrics.pipelined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
@@ -826,7 +844,7 @@ impl Consumer {
                 self.maybe_announce_ready();
             }
             PoolEvent::Done { index, report } => {
-                let next = self.queued.remove(&index);
+                let next = self.queued.get_mut(&index).and_then(pipeline::Queued::pop);
                 let first_job = self.pool.on_done(index, report.exiting, next.is_some());
                 match self.active.remove(&index) {
                     Some(Job::Task(request)) => {
@@ -841,7 +859,10 @@ impl Consumer {
                 }
                 match next {
                     // A leaving child never reads what was queued behind its last job.
-                    Some(request) if report.exiting => self.ready.push_front(Job::Task(request)),
+                    Some(request) if report.exiting => {
+                        self.requeue_queued(index);
+                        self.ready.push_front(Job::Task(request));
+                    }
                     Some(request) => self.on_job_started(index, Job::Task(request)),
                     None => {}
                 }
@@ -849,10 +870,8 @@ impl Consumer {
             PoolEvent::Gone { index } => {
                 let pid = self.pool.on_gone(index);
                 let job = self.active.remove(&index);
-                if let Some(request) = self.queued.remove(&index) {
-                    // Its running job never reported done, so the child never started this one.
-                    self.ready.push_front(Job::Task(request));
-                }
+                // Its running job never reported done, so the child never started these.
+                self.requeue_queued(index);
                 match (pid, job) {
                     (Some(pid), Some(job)) => match self.exits.remove(&pid) {
                         Some(status) => self.on_job_lost(index, pid, job, &status),
@@ -1141,8 +1160,18 @@ impl Consumer {
     /// Children about to be killed: what was queued behind their running jobs goes back
     /// (never acked; one a child may just have started runs at least once, never lost).
     fn give_back_queued(&mut self) {
-        for (_, r) in std::mem::take(&mut self.queued) {
+        for r in std::mem::take(&mut self.queued).into_values().flat_map(pipeline::Queued::into_requests) {
             self.settle(Settle::Restore(r.delivery.tag.clone()), !r.eta_bumped);
+        }
+    }
+
+    /// What was queued behind a child's running job goes back to the front of the ready
+    /// queue, in its order: the child will never read it.
+    fn requeue_queued(&mut self, index: usize) {
+        if let Some(queue) = self.queued.remove(&index) {
+            for request in queue.into_requests().rev() {
+                self.ready.push_front(Job::Task(request));
+            }
         }
     }
 

@@ -6,16 +6,70 @@
 //! A queued request is not started: it is not acked, has no time-limit clocks and is reported
 //! as reserved; it starts when the child reports its running job done. Since it cannot be taken
 //! back from the child's socket, only requests behind a task that has always run briefly are
-//! queued: a revoke that arrives for one in that window is at most `max_runtime` late. Stock's
-//! `-O fair` never writes to a busy child; `--pipeline-max-ms 0` does the same here.
+//! queued: a revoke that arrives for one in that window is at most `MAX_QUEUED` × `max_runtime`
+//! late. Stock's `-O fair` never writes to a busy child; `--pipeline-max-ms 0` does the same.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use super::Request;
 
-/// The largest frame queued behind a running job: it must fit the socket's buffer, or the
-/// write would wait for the child.
-pub const MAX_QUEUED_FRAME: usize = 64 * 1024;
+/// At most this many requests wait in a child's socket behind its running job.
+pub const MAX_QUEUED: usize = 3;
+
+/// The most bytes of frames queued behind a running job: they must fit the socket's buffer,
+/// or the write would wait for the child.
+pub const MAX_QUEUED_BYTES: usize = 64 * 1024;
+
+/// The requests written to one busy child behind its running job, oldest first, with the
+/// size of each one's frame.
+pub struct Queued<R = Box<Request>> {
+    requests: VecDeque<(R, usize)>,
+    bytes: usize,
+}
+
+impl<R> Default for Queued<R> {
+    fn default() -> Self {
+        Queued { requests: VecDeque::new(), bytes: 0 }
+    }
+}
+
+impl<R> Queued<R> {
+    /// May another request be written behind these?
+    pub fn has_room(&self) -> bool {
+        self.requests.len() < MAX_QUEUED
+    }
+
+    /// Would a frame of `len` bytes still fit the socket's buffer behind these?
+    pub fn fits(&self, len: usize) -> bool {
+        self.bytes + len <= MAX_QUEUED_BYTES
+    }
+
+    pub fn push(&mut self, request: R, len: usize) {
+        self.bytes += len;
+        self.requests.push_back((request, len));
+    }
+
+    /// The next one the child starts, when it reports its running job done.
+    pub fn pop(&mut self) -> Option<R> {
+        let (request, len) = self.requests.pop_front()?;
+        self.bytes -= len;
+        Some(request)
+    }
+
+    pub fn into_requests(self) -> impl DoubleEndedIterator<Item = R> {
+        self.requests.into_iter().map(|(r, _)| r)
+    }
+}
+
+impl Queued {
+    pub fn iter(&self) -> impl Iterator<Item = &Request> {
+        self.requests.iter().map(|(r, _)| &**r)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Request> {
+        self.requests.iter_mut().map(|(r, _)| &mut **r)
+    }
+}
 
 pub struct Pipeline {
     /// Queue behind tasks whose runs take less than this (seconds); `None`: never.
@@ -68,6 +122,21 @@ mod tests {
             p.observe("a", 0.001);
         }
         assert!(p.typical["a"] < 0.005);
+    }
+
+    #[test]
+    fn queued_in_order_up_to_the_count_and_the_bytes() {
+        let mut q: Queued<u32> = Queued::default();
+        for i in 0..MAX_QUEUED as u32 {
+            assert!(q.has_room());
+            q.push(i, 100);
+        }
+        assert!(!q.has_room());
+        assert_eq!(q.pop(), Some(0));
+        assert!(q.has_room());
+        assert!(q.fits(MAX_QUEUED_BYTES - 200));
+        assert!(!q.fits(MAX_QUEUED_BYTES - 199));
+        assert_eq!(q.into_requests().collect::<Vec<_>>(), (1..MAX_QUEUED as u32).collect::<Vec<_>>());
     }
 
     #[test]

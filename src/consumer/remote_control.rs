@@ -192,7 +192,7 @@ impl Consumer {
             .active
             .values()
             .filter_map(|j| j.task())
-            .chain(self.queued.values().map(|r| &**r))
+            .chain(self.queued.values().flat_map(super::pipeline::Queued::iter))
             .map(|r| r.message.id.as_str())
             .collect();
         let elsewhere: Map<String, Value> = ids
@@ -220,7 +220,7 @@ impl Consumer {
                 }
             }
         }
-        for r in self.queued.values_mut() {
+        for r in self.queued.values_mut().flat_map(super::pipeline::Queued::iter_mut) {
             if ids.contains(&r.message.id) && r.terminated.is_none() {
                 // Signalled when it starts (`Consumer::on_job_started`).
                 info!("Terminating {} ({sig}) when it starts", r.message.id);
