@@ -24,6 +24,7 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY crates ./crates
 COPY python ./python
+COPY link ./link
 RUN cargo build --release --locked
 
 # --- stage 2: the app, its requirements and the binary; no build tools ------------------------
