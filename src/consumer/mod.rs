@@ -761,8 +761,9 @@ impl Consumer {
         }
     }
 
-    /// Write the oldest ready request to each busy child whose running task is short
-    /// (`pipeline`); it starts when that task is done.
+    /// Write the oldest ready requests behind the running task of each busy child whose task
+    /// is short, up to `pipeline::MAX_QUEUED` each (`pipeline`); each starts when the one
+    /// ahead of it is done.
     async fn queue_behind_running(&mut self) {
         if self.stopping.is_some() {
             return;

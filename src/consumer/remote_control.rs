@@ -187,7 +187,7 @@ impl Consumer {
             self.revoked.add(id);
         }
         // Ids not running here get REVOKED stored now (unless another worker owns the result).
-        // One queued behind a running task runs too: it is in its child's hands.
+        // Those queued behind a running task run too: they are in their child's hands.
         let running: Vec<&str> = self
             .active
             .values()
