@@ -611,11 +611,12 @@ impl Consumer {
     /// Requests received, not started and not waiting for an ETA (`inspect reserved`): queued
     /// behind a running task, ready, or held by a rate limit.
     fn reserved_requests(&self) -> impl Iterator<Item = &Request> {
-        self.queued
-            .values()
-            .flat_map(pipeline::Queued::iter)
-            .chain(self.ready.iter().filter_map(Job::task))
-            .chain(self.rate_limits.iter())
+        self.queued_requests().chain(self.ready.iter().filter_map(Job::task)).chain(self.rate_limits.iter())
+    }
+
+    /// Requests written to busy children behind their running jobs (`pipeline`).
+    fn queued_requests(&self) -> impl Iterator<Item = &Request> {
+        self.queued.values().flat_map(pipeline::Queued::iter)
     }
 
     /// Bring the pool to `concurrency` after `pool_grow` / `pool_shrink`. On the way out no
@@ -704,11 +705,7 @@ impl Consumer {
 
     /// A task with this id runs in a child now (or is queued behind a running one).
     fn runs_now(&self, id: &str) -> bool {
-        self.active
-            .values()
-            .filter_map(Job::task)
-            .chain(self.queued.values().flat_map(pipeline::Queued::iter))
-            .any(|r| r.message.id == id)
+        self.active.values().filter_map(Job::task).chain(self.queued_requests()).any(|r| r.message.id == id)
     }
 
     /// The next ready job to hand out: the first whose task id does not run here right now.
@@ -794,6 +791,11 @@ impl Consumer {
                 }
                 let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
                 let bytes = frame::encode_task(&meta, &request.delivery.body);
+                if bytes.len() > pipeline::MAX_QUEUED_BYTES {
+                    // Fits behind no child: it waits for an idle one.
+                    self.ready.push_front(Job::Task(request));
+                    return;
+                }
                 if !self.queued.get(&index).is_none_or(|queue| queue.fits(bytes.len())) {
                     self.ready.push_front(Job::Task(request));
                     continue;

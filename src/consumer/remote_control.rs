@@ -192,7 +192,7 @@ impl Consumer {
             .active
             .values()
             .filter_map(|j| j.task())
-            .chain(self.queued.values().flat_map(super::pipeline::Queued::iter))
+            .chain(self.queued_requests())
             .map(|r| r.message.id.as_str())
             .collect();
         let elsewhere: Map<String, Value> = ids
