@@ -105,6 +105,29 @@ def test_connection_closed_by_the_broker_mid_load(worker, broker):
     assert testapp.add.delay(1, 2).get(timeout=10) == 3
 
 
+def task_connection_frame_max():
+    out = rabbitmqctl("list_connections", "--no-table-headers", "frame_max", "client_properties")
+    return [int(line.split("\t")[0]) for line in out.splitlines() if '"celeriac"' in line]
+
+
+def test_task_connection_takes_larger_frames_once_headers_need_them(worker, broker):
+    # 16 KiB frames keep lapin's buffers small; a message whose headers (one frame, never
+    # split) need more makes the task connection reconnect with 128 KiB frames, once.
+    w = worker(WORKER).wait_ready()
+    assert testapp.add.delay(1, 1).get(timeout=10) == 2
+    assert task_connection_frame_max() == [16384]
+    big = [testapp.add.apply_async((i, 1), headers={"x-big": "x" * 65536}) for i in range(2)]
+    small = [testapp.add.delay(i, 2) for i in range(20)]
+    assert [r.get(timeout=30) for r in big] == [1, 2]
+    assert [r.get(timeout=30) for r in small] == [i + 2 for i in range(20)]
+    assert task_connection_frame_max() == [131072]
+    log = w.log()
+    assert log.count("do not fit in 16 KiB frames") == 1, log[-3000:]
+    assert testapp.add.apply_async((5, 5), headers={"x-big": "y" * 100_000}).get(timeout=10) == 10
+    assert w.log().count("reconnecting with 128 KiB frames") == 1
+    assert w.stop() == 0
+
+
 def test_warm_shutdown_closes_every_connection_cleanly(worker, broker):
     # Tasks, remote control and gossip each have a connection; all are closed (connection.close)
     # before the process ends, so none fails on the way out and logs an error, and mingle's

@@ -9,7 +9,7 @@ mod fields;
 pub mod url;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +55,9 @@ pub struct AmqpTransport {
     options: AmqpOptions,
     session: tokio::sync::Mutex<Option<Session>>,
     epoch: AtomicU64,
+    /// The largest frame the task connection asks for: small until a message's headers need
+    /// more (`url::TASK_FRAME_MAX`), then that for as long as the worker runs.
+    task_frame_max: AtomicU32,
     /// (epoch, delivery tag) handed out and not yet settled, in delivery order.
     held: Mutex<BTreeSet<(u64, u64)>>,
     /// Consumer tags of the current connection, cancelled before messages are given back.
@@ -104,6 +107,13 @@ fn multiple_ack_cutoff(not_acked: impl Iterator<Item = u64>, acks: &BTreeSet<u64
     let first_gap = not_acked.min();
     let run: Vec<u64> = acks.iter().copied().take_while(|t| first_gap.is_none_or(|g| *t < g)).collect();
     (run.len() >= 2).then(|| run[run.len() - 1])
+}
+
+/// lapin closes a connection that receives a frame larger than it negotiated: a message whose
+/// headers (one frame, never split) do not fit the task connection's frames.
+fn is_frame_too_large(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+    matches!(e, lapin::Error::ProtocolError(err) if *err.kind() == AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR))
 }
 
 fn split_tag(tag: &str) -> Option<(u64, u64)> {
@@ -163,6 +173,7 @@ impl AmqpTransport {
             options,
             session: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
+            task_frame_max: AtomicU32::new(url::SMALL_FRAME_MAX),
             held: Mutex::new(BTreeSet::new()),
             consumer_tags: Default::default(),
             pidbox_channel: tokio::sync::Mutex::new(None),
@@ -206,7 +217,8 @@ impl AmqpTransport {
     }
 
     async fn open_session(&self, attempt: usize) -> Result<Session, TransportError> {
-        let connection = self.connect_to(attempt, "celeriac", url::TASK_FRAME_MAX).await?;
+        let frame_max = self.task_frame_max.load(Ordering::Relaxed);
+        let connection = self.connect_to(attempt, "celeriac", frame_max).await?;
         let channel = connection.create_channel().await?;
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(Session { epoch, connection, channel })
@@ -513,6 +525,17 @@ impl Transport for AmqpTransport {
                                 if deliveries.send(Incoming::Delivery(Box::new(delivery))).await.is_err() {
                                     return;
                                 }
+                            }
+                            Some(Err(e)) if is_frame_too_large(&e) => {
+                                // The message stays unacknowledged: the broker gives it back,
+                                // and the next connection takes frames its headers fit in.
+                                let small = self.task_frame_max.swap(url::TASK_FRAME_MAX, Ordering::Relaxed);
+                                warn!(
+                                    "consumer: A message's headers do not fit in {} KiB frames ({e}): reconnecting with {} KiB frames, as for the rest of this run.",
+                                    small / 1024,
+                                    url::TASK_FRAME_MAX / 1024
+                                );
+                                break;
                             }
                             Some(Err(e)) => {
                                 error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");

@@ -21,13 +21,15 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The largest frame the connection that consumes tasks asks for: RabbitMQ's default limit,
-/// what stock's py-amqp asks for. A message's headers travel in one frame that cannot be
-/// split, and lapin closes a connection that receives a frame larger than it negotiated: with
-/// less, one message with large headers would cut the connection at every redelivery.
+/// RabbitMQ's default frame limit, what stock's py-amqp asks for. A message's headers travel
+/// in one frame that cannot be split, and lapin closes a connection that receives a frame
+/// larger than it negotiated: once a task message's headers need more than `SMALL_FRAME_MAX`,
+/// the task connection reconnects asking for this.
 pub const TASK_FRAME_MAX: u32 = 128 * 1024;
-/// The other connections (remote control, gossip, mingle, beat's lock) carry small messages.
-/// lapin keeps two buffers of 32 frames per connection (8 MiB resident at 128 KiB frames).
+/// What every connection asks for first. lapin keeps two ring buffers of 32 frames per
+/// connection, and a drain writes through all of them: 1 MiB resident at 16 KiB frames, 8 MiB
+/// at 128 KiB. Task messages' headers are a few hundred bytes; bodies of any size are split
+/// into as many frames as they need.
 pub const SMALL_FRAME_MAX: u32 = 16 * 1024;
 
 /// Parse one kombu AMQP URL. `heartbeat` (s) and `timeout` (ms) come from the app's settings.
