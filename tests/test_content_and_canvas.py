@@ -12,6 +12,7 @@ from celery.exceptions import ChordError
 
 import testapp
 from conftest import wait_until
+from test_faults import pool_children
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
@@ -57,9 +58,11 @@ def test_root_with_pickle_is_refused_as_stock(worker):
 
 
 def test_track_started_and_custom_states(worker):
-    worker(WORKER, env={"TESTAPP_TRACK_STARTED": "1"}).wait_ready()
+    w = worker(WORKER, env={"TESTAPP_TRACK_STARTED": "1"}).wait_ready()
     r = testapp.sleep.delay(1)
     wait_until(lambda: r.state == "STARTED", timeout=5, interval=0.02, what=lambda: f"state STARTED (is {r.state})")
+    # The tracer, built in the child on the task's first run, names the child that runs it.
+    assert r.info["pid"] in pool_children(w.pid), r.info
     assert r.get(timeout=10) == 1
     p = testapp.progress.delay(3)
     seen = set()
