@@ -373,10 +373,11 @@ class _LazyTracer:
     with the same arguments and puts the real one in its place.
 
     Celery's ``process_initializer`` builds a tracer for every registered task in every pool
-    child, though a child may only ever run a few of them: each build writes to ~45 KiB of
-    pages the child shares with the zygote (~0.7 MiB a child for the 16 tasks of a small app;
-    apps with hundreds of tasks pay far more). Built on first use, the tracer is the same: its
-    arguments, the signal receiver lists it holds (the same live lists) and the child's pid."""
+    child, though a child may only ever run a few of them, and each build writes into pages the
+    child shares with the zygote (0.3 MiB a child for the 16 tasks of the benchmark's app,
+    measured before any task ran; apps with hundreds of tasks pay more). Built on first use,
+    the tracer is the same: its arguments, the signal receiver lists it holds (the same live
+    lists) and the child's pid."""
 
     __slots__ = ("build", "args", "kwargs")
 
