@@ -208,6 +208,11 @@ async fn connect_and_run(app: &AppInfo, role: Role) -> i32 {
                 heartbeat: conf.broker_heartbeat.map(|h| h as u16),
                 connect_timeout_ms: conf.broker_connection_timeout.map(|t| (t * 1000.0) as u64),
                 max_retries: conf.broker_connection_max_retries,
+                frame_max: conf
+                    .broker_transport_options
+                    .get("frame_max")
+                    .and_then(serde_json::Value::as_u64)
+                    .map(|f| u32::try_from(f).unwrap_or(u32::MAX)),
             };
             let connect = || AmqpTransport::connect(&app.broker_url, &app.broker_display, opts.clone());
             let connected = with_retries(app, connect).await;

@@ -128,6 +128,15 @@ def test_task_connection_takes_larger_frames_once_headers_need_them(worker, brok
     assert w.stop() == 0
 
 
+def test_frame_max_transport_option_sets_the_first_frames(worker, broker):
+    # kombu hands broker_transport_options['frame_max'] to py-amqp; celeriac starts with it.
+    w = worker(WORKER, env={"TESTAPP_TRANSPORT_OPTIONS": '{"frame_max": 131072}'}).wait_ready()
+    assert testapp.add.apply_async((2, 3), headers={"x-big": "x" * 65536}).get(timeout=10) == 5
+    assert task_connection_frame_max() == [131072]
+    assert "frames" not in w.log()
+    assert w.stop() == 0
+
+
 def test_warm_shutdown_closes_every_connection_cleanly(worker, broker):
     # Tasks, remote control and gossip each have a connection; all are closed (connection.close)
     # before the process ends, so none fails on the way out and logs an error, and mingle's

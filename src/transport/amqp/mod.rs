@@ -39,6 +39,9 @@ pub struct AmqpOptions {
     pub heartbeat: Option<u16>,
     pub connect_timeout_ms: Option<u64>,
     pub max_retries: Option<u32>,
+    /// `broker_transport_options['frame_max']`, which kombu hands to py-amqp: the frames the
+    /// task connection asks for first (otherwise `url::SMALL_FRAME_MAX`).
+    pub frame_max: Option<u32>,
 }
 
 struct Session {
@@ -167,13 +170,14 @@ impl AmqpTransport {
             .map(|u| url::parse(u.trim(), options.heartbeat, options.connect_timeout_ms))
             .collect::<Option<_>>()
             .ok_or_else(|| TransportError::UnsupportedUrl(display.to_owned()))?;
+        let first_frame_max = options.frame_max.map_or(url::SMALL_FRAME_MAX, |f| f.max(url::FRAME_MIN_SIZE));
         let t = AmqpTransport {
             uris,
             display: display.to_owned(),
             options,
             session: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
-            task_frame_max: AtomicU32::new(url::SMALL_FRAME_MAX),
+            task_frame_max: AtomicU32::new(first_frame_max),
             held: Mutex::new(BTreeSet::new()),
             consumer_tags: Default::default(),
             pidbox_channel: tokio::sync::Mutex::new(None),
@@ -529,7 +533,7 @@ impl Transport for AmqpTransport {
                             Some(Err(e)) if is_frame_too_large(&e) => {
                                 // The message stays unacknowledged: the broker gives it back,
                                 // and the next connection takes frames its headers fit in.
-                                let small = self.task_frame_max.swap(url::TASK_FRAME_MAX, Ordering::Relaxed);
+                                let small = self.task_frame_max.fetch_max(url::TASK_FRAME_MAX, Ordering::Relaxed);
                                 warn!(
                                     "consumer: A message's headers do not fit in {} KiB frames ({e}): reconnecting with {} KiB frames, as for the rest of this run.",
                                     small / 1024,

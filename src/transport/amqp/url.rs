@@ -31,6 +31,8 @@ pub const TASK_FRAME_MAX: u32 = 128 * 1024;
 /// at 128 KiB. Task messages' headers are a few hundred bytes; bodies of any size are split
 /// into as many frames as they need.
 pub const SMALL_FRAME_MAX: u32 = 16 * 1024;
+/// The smallest frame AMQP 0-9-1 allows.
+pub const FRAME_MIN_SIZE: u32 = 4096;
 
 /// Parse one kombu AMQP URL. `heartbeat` (s) and `timeout` (ms) come from the app's settings.
 pub fn parse(url: &str, heartbeat: Option<u16>, timeout_ms: Option<u64>) -> Option<AMQPUri> {
