@@ -170,7 +170,12 @@ impl AmqpTransport {
             .map(|u| url::parse(u.trim(), options.heartbeat, options.connect_timeout_ms))
             .collect::<Option<_>>()
             .ok_or_else(|| TransportError::UnsupportedUrl(display.to_owned()))?;
-        let first_frame_max = options.frame_max.map_or(url::SMALL_FRAME_MAX, |f| f.max(url::FRAME_MIN_SIZE));
+        // 0 is AMQP's "no limit": the largest we ever ask for.
+        let first_frame_max = match options.frame_max {
+            None => url::SMALL_FRAME_MAX,
+            Some(0) => url::TASK_FRAME_MAX,
+            Some(f) => f.max(url::FRAME_MIN_SIZE),
+        };
         let t = AmqpTransport {
             uris,
             display: display.to_owned(),
