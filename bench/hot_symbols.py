@@ -51,6 +51,10 @@ def steady_work(app, broker):
     time.sleep(12)
 
 
+def callgrind_control(pid, *flags):
+    subprocess.run(["callgrind_control", *flags, str(pid)], check=True, capture_output=True)
+
+
 def profile(binary, broker_kind, outdir):
     """callgrind's output file for one round of steady work on one broker."""
     app = run.benchapp(run.BROKER_URLS[broker_kind])
@@ -66,13 +70,10 @@ def profile(binary, broker_kind, outdir):
     try:
         assert app.add.delay(1, 1).get(timeout=180) == 2, "the worker under valgrind did not start"
         time.sleep(2)
-        def control(*flags):
-            subprocess.run(["callgrind_control", *flags, str(w.proc.pid)], check=True, capture_output=True)
-
-        control("-i", "on")
+        callgrind_control(w.proc.pid, "-i", "on")
         steady_work(app, broker)
-        control("-i", "off")
-        control("-d")
+        callgrind_control(w.proc.pid, "-i", "off")
+        callgrind_control(w.proc.pid, "-d")
     finally:
         w.stop()
     dumps = sorted(Path(outdir).glob(f"{out.name}.*"))

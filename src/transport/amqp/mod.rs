@@ -201,8 +201,8 @@ impl AmqpTransport {
     }
 
     /// Connect to the `attempt`-th broker of the failover list (round robin), asking for
-    /// frames of at most `frame_max` bytes (`url::TASK_FRAME_MAX` for the connection that
-    /// consumes tasks).
+    /// frames of at most `frame_max` bytes (`task_frame_max` for the connection that consumes
+    /// tasks).
     async fn connect_to(&self, attempt: usize, name: &str, frame_max: u32) -> Result<Arc<Connection>, TransportError> {
         let mut uri = self.uris[attempt % self.uris.len()].clone();
         uri.query.frame_max = Some(frame_max);
@@ -538,10 +538,10 @@ impl Transport for AmqpTransport {
                             Some(Err(e)) if is_frame_too_large(&e) => {
                                 // The message stays unacknowledged: the broker gives it back,
                                 // and the next connection takes frames its headers fit in.
-                                let small = self.task_frame_max.fetch_max(url::TASK_FRAME_MAX, Ordering::Relaxed);
+                                let previous = self.task_frame_max.fetch_max(url::TASK_FRAME_MAX, Ordering::Relaxed);
                                 warn!(
                                     "consumer: A message's headers do not fit in {} KiB frames ({e}): reconnecting with {} KiB frames, as for the rest of this run.",
-                                    small / 1024,
+                                    previous / 1024,
                                     url::TASK_FRAME_MAX / 1024
                                 );
                                 break;
