@@ -31,6 +31,20 @@ def test_kombu_json_type_markers(worker):
     assert out == ["2024-01-02T03:04:05", str(ident), "2.5", "\x00\x01"]
 
 
+def test_json_bodies_decode_as_kombu_decodes_them(worker):
+    """The child decodes plain JSON bodies without kombu's per-object hook; bodies that hook
+    could act on (type markers, \\u escapes) still go through kombu, with the same result."""
+    worker(WORKER).wait_ready()
+    cases = [
+        (("🎉 ok", [1.5, None, True, 2**70, -3], {"nested": {"k": "v"}, "": []}), {"plain": "text"}),  # decoded by the child
+        (("é ü→",), {}),  # \u00.. escapes: kombu
+        ((), {"when": datetime.datetime(2024, 1, 2, 3, 4, 5), "id": uuid.UUID(int=7)}),  # type markers: kombu
+    ]
+    for args, kwargs in cases:
+        out = testapp.echo.apply_async(args, kwargs).get(timeout=10)
+        assert out == {"args": list(args), "kwargs": kwargs}
+
+
 def test_pickle_when_accepted(worker):
     worker(WORKER, env={"TESTAPP_ACCEPT": "json,pickle", "C_FORCE_ROOT": "1"}).wait_ready()
     assert testapp.add.apply_async((40, 2), serializer="pickle").get(timeout=10) == 42

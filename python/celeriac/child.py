@@ -23,6 +23,7 @@ from celery.concurrency.prefork import process_destructor, process_initializer
 from celery.utils.serialization import get_pickleable_exception
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.serialization import loads as loads_message
+from kombu.serialization import registry as _kombu_registry
 from kombu.utils.json import loads as json_loads
 
 from celeriac import frames
@@ -40,6 +41,30 @@ CELERY_5_7 = tuple(celery.VERSION[:2]) >= (5, 7)
 
 
 _SUCCEEDED_KEYS = {"outcome", "runtime", "result", "exiting"}
+
+
+def _json_body_decoder_is_kombus():
+    return _kombu_registry._decoders.get("application/json") is json_loads
+
+
+def _decode_json_body(body, accept):
+    """What kombu's ``loads`` returns for a JSON task body, without its per-object Python hook.
+
+    Only where that hook cannot act (no ``__type__`` key, not even one spelled with ``\\u``
+    escapes), JSON is accepted and kombu's own decoder is the registered one; otherwise (and on
+    any error, so kombu raises its own DecodeError) ``None``: the caller lets kombu decode.
+    """
+    if not body or b"__type__" in body or b"\\u00" in body:
+        return None
+    if accept is not None:
+        if "application/json" not in accept:
+            return None
+    elif "application/json" in _kombu_registry._disabled_content_types:
+        return None
+    try:
+        return json.loads(body.decode("utf-8"))
+    except ValueError:
+        return None
 
 
 def _loads_meta(raw):
@@ -83,6 +108,7 @@ class Child:
         self.app = app
         self.hostname = hostname
         self.accept = trace._localized[1] if len(trace._localized) > 1 else None
+        self.fast_json_bodies = _json_body_decoder_is_kombus()
         self.max_tasks = max_tasks or 0
         self.max_memory_kib = max_memory_kib or 0
         self.completed = 0
@@ -153,6 +179,10 @@ class Child:
 
                 body, request, _decoded, _utc = hybrid_to_proto2(_MessageShim(request), decoded)
                 content_type = content_encoding = None
+            elif content_type == "application/json" and self.fast_json_bodies:
+                decoded = _decode_json_body(body, self.accept)
+                if decoded is not None:
+                    body, content_type, content_encoding = decoded, None, None
             request.update(meta["extras"])
             failed, retval, runtime = trace.fast_trace_task(
                 name, task_id, request, body, content_type, content_encoding,
