@@ -11,7 +11,7 @@ from celery import chord, group
 from celery.exceptions import ChordError
 
 import testapp
-from conftest import wait_until
+from conftest import BROKER_KIND, wait_until
 from test_faults import pool_children
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
@@ -43,6 +43,22 @@ def test_json_bodies_decode_as_kombu_decodes_them(worker):
     for args, kwargs in cases:
         out = testapp.echo.apply_async(args, kwargs).get(timeout=10)
         assert out == {"args": list(args), "kwargs": kwargs}
+
+
+def test_custom_headers_reach_the_request_as_stock_decodes_them(worker):
+    """The request meta goes to the child in marshal, or in JSON for kombu's decoder when a
+    header holds a type marker (a datetime on the JSON-envelope brokers)."""
+    worker(WORKER).wait_ready()
+    plain = {"h_text": "é 🎉", "h_big": 2**62, "h_neg": -5, "h_float": 0.25, "h_list": [1, None, True],
+             "h_map": {"k": ["v"]}, "h_none": None}
+    out = testapp.header_values.apply_async(tuple(plain), headers=plain).get(timeout=10)
+    assert out == {k: [type(v).__name__, repr(v)] for k, v in plain.items()}
+    if BROKER_KIND != "amqp":  # AMQP tables carry a timestamp type of their own
+        when = datetime.datetime(2024, 1, 2, 3, 4, 5)
+        out = testapp.header_values.apply_async(("h_when", "h_text"), headers={"h_when": when, "h_text": "x"}).get(
+            timeout=10
+        )
+        assert out == {"h_when": ["datetime", repr(when)], "h_text": ["str", "'x'"]}
 
 
 def test_pickle_when_accepted(worker):

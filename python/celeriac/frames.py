@@ -4,6 +4,7 @@ Every frame is ``u32 length (big endian) | u8 kind | payload``, where length cou
 byte and the payload. The kinds mirror ``src/pool/frame.rs``; keep both in step.
 """
 
+import marshal
 import struct
 
 # supervisor -> zygote
@@ -20,7 +21,7 @@ FORKED = 3  # payload: json {"index": n, "pid": p}
 EXITED = 4  # payload: json {"pid": p, "exitcode": c, "signal": s}
 FATAL = 5  # payload: utf-8 text, one line: why the app could not be loaded
 # supervisor -> child
-TASK = 10  # payload: u32 meta length | meta json | raw message body
+TASK = 10  # payload: u32 meta length | meta (see loads_meta) | raw message body
 MARK_FAILURE = 11  # payload: json, an outcome no task run produced (unregistered task, ...)
 # child -> supervisor
 READY = 20  # payload: json {"pid": p}
@@ -81,6 +82,16 @@ def read_frame(sock):
     if payload is None:
         return None
     return kind, payload
+
+
+def loads_meta(raw):
+    """A TASK frame's request meta: marshal (``M`` first), or JSON where a header holds a kombu
+    type marker (``{"__type__": "datetime", ...}``), for kombu's decoder to turn into objects."""
+    if raw[:1] == b"M":
+        return marshal.loads(memoryview(raw)[1:])
+    from kombu.utils.json import loads
+
+    return loads(raw)
 
 
 def split_task_payload(payload):

@@ -505,11 +505,10 @@ def _send_task_received(payload, app, hostname, shim):
     from celery import signals
     from celery.worker.request import Request
     from kombu.message import Message
-    from kombu.utils.json import loads as json_loads
 
     try:
         meta_raw, body = frames.split_task_payload(payload)
-        meta = json_loads(meta_raw)
+        meta = frames.loads_meta(meta_raw)
         extras = meta["extras"]
         message = Message(body=body, content_type=meta["content_type"], content_encoding=meta["content_encoding"],
                           delivery_info=extras.get("delivery_info"), properties=extras.get("properties"),

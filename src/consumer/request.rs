@@ -72,7 +72,7 @@ impl Request {
 
     /// The request description as JSON, for outcome records a child stores for us.
     pub fn child_meta_value(&self, hostname: &str) -> Value {
-        serde_json::from_slice(&ChildMeta::encode(&self.delivery, &self.message, hostname)).unwrap_or(Value::Null)
+        serde_json::from_slice(&ChildMeta::encode_json(&self.delivery, &self.message, hostname)).unwrap_or(Value::Null)
     }
 
     /// `Request.info()`, what `inspect active/reserved/scheduled` show.

@@ -432,3 +432,9 @@ def ignore_me():
 def on_error(request, exc, traceback):
     """A new-style errback: called inline in the worker with the failed request."""
     _redis().set(f"errback:{request.id}", repr(exc))
+
+
+@app.task(bind=True)
+def header_values(self, *names):
+    """Custom message headers as the task sees them on its request: (type name, repr) each."""
+    return {n: [type(getattr(self.request, n, None)).__name__, repr(getattr(self.request, n, None))] for n in names}

@@ -5,11 +5,13 @@
 //! - `envelope`: kombu's JSON envelope of the virtual transports (Redis, SQS, the folder);
 //! - `message`: the Celery task message, protocol v2 (headers) and v1 (body), and the request
 //!   description a pool child receives;
-//! - `frame`: the frames between the supervisor and the Python processes, and a child's report.
+//! - `frame`: the frames between the supervisor and the Python processes, and a child's report;
+//! - `marshal`: Python's marshal format, how a request meta reaches a child.
 
 pub mod delivery;
 pub mod envelope;
 pub mod frame;
+pub mod marshal;
 pub mod message;
 pub mod time;
 

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use crate::marshal;
 use crate::time::parse_iso8601;
 use crate::Delivery;
 
@@ -153,6 +154,9 @@ fn truncate(s: &str, max: usize) -> &str {
 /// (`celery/worker/request.py: Request.__init__` builds the same from a kombu Message).
 pub struct ChildMeta;
 
+/// The first byte of a marshal meta (a JSON one starts with `{`).
+pub const MARSHAL_PREFIX: &[u8] = b"M";
+
 static EMPTY_OBJECT: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::Object(Map::new()));
 static NULL: Value = Value::Null;
 
@@ -185,8 +189,67 @@ struct DeliveryInfoOut<'a> {
     redelivered: bool,
 }
 
+/// Where kombu's JSON decoder would turn a `{"__type__": ...}` map into a datetime, UUID, ...:
+/// such a meta goes to the child as JSON, for kombu's decoder.
+fn has_type_marker(v: &Value) -> bool {
+    match v {
+        Value::Object(map) => map.contains_key("__type__") || map.values().any(has_type_marker),
+        Value::Array(items) => items.iter().any(has_type_marker),
+        _ => false,
+    }
+}
+
 impl ChildMeta {
+    /// What a TASK frame carries: marshal (`M` first, see `marshal`), or JSON when a header
+    /// holds a kombu type marker.
     pub fn encode(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
+        let headers = if delivery.headers.is_object() { &delivery.headers } else { &EMPTY_OBJECT };
+        if has_type_marker(headers) || delivery.properties.values().any(has_type_marker) {
+            return Self::encode_json(delivery, msg, hostname);
+        }
+        let property = |key: &str| delivery.properties.get(key).unwrap_or(&NULL);
+        let mut w = marshal::Writer::with_prefix(MARSHAL_PREFIX, 1024);
+        w.begin_dict();
+        w.str("name");
+        w.str(&msg.name);
+        w.str("id");
+        w.str(&msg.id);
+        w.str("proto");
+        w.int(if msg.protocol == Protocol::V1 { 1 } else { 2 });
+        w.str("content_type");
+        w.str(&delivery.content_type);
+        w.str("content_encoding");
+        w.str(&delivery.content_encoding);
+        w.str("headers");
+        w.value(headers);
+        w.str("extras");
+        w.begin_dict();
+        w.str("reply_to");
+        w.value(property("reply_to"));
+        w.str("correlation_id");
+        w.value(property("correlation_id"));
+        w.str("hostname");
+        w.str(hostname);
+        w.str("delivery_info");
+        w.begin_dict();
+        w.str("exchange");
+        w.str(&delivery.exchange);
+        w.str("routing_key");
+        w.str(&delivery.routing_key);
+        w.str("priority");
+        w.value(property("priority"));
+        w.str("redelivered");
+        w.bool(delivery.redelivered);
+        w.end_dict();
+        w.str("properties");
+        w.map(&delivery.properties);
+        w.end_dict();
+        w.end_dict();
+        w.finish()
+    }
+
+    /// The same meta as JSON.
+    pub fn encode_json(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
         let property = |key: &str| delivery.properties.get(key).unwrap_or(&NULL);
         let meta = MetaOut {
             name: &msg.name,
@@ -287,10 +350,21 @@ mod tests {
         d.properties.insert("reply_to".into(), json!("r"));
         d.properties.insert("priority".into(), json!(3));
         let m = TaskMessage::parse(&d).unwrap();
-        let meta: Value = serde_json::from_slice(&ChildMeta::encode(&d, &m, "w@h")).unwrap();
+        let meta: Value = serde_json::from_slice(&ChildMeta::encode_json(&d, &m, "w@h")).unwrap();
         assert_eq!(meta["extras"]["reply_to"], "r");
         assert_eq!(meta["extras"]["delivery_info"]["priority"], 3);
         assert_eq!(meta["extras"]["hostname"], "w@h");
         assert_eq!(meta["headers"]["task"], "a.add");
+    }
+
+    #[test]
+    fn child_meta_is_marshal_unless_a_header_has_a_type_marker() {
+        let d = delivery(json!({"task": "a.add", "id": "1"}), b"[]", "application/json");
+        let m = TaskMessage::parse(&d).unwrap();
+        assert!(ChildMeta::encode(&d, &m, "w@h").starts_with(MARSHAL_PREFIX));
+        let marker = json!({"task": "a.add", "id": "1", "x": [{"__type__": "datetime", "__value__": "2024-01-02"}]});
+        let d = delivery(marker, b"[]", "application/json");
+        let m = TaskMessage::parse(&d).unwrap();
+        assert!(ChildMeta::encode(&d, &m, "w@h").starts_with(b"{"));
     }
 }
