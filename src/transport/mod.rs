@@ -196,6 +196,8 @@ pub enum TransportError {
     Redis(#[from] ::redis::RedisError),
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("amqp: {0}")]
+    AmqpTask(#[from] amqp::TaskConnectionError),
     #[error("not connected to {0}")]
     Disconnected(String),
     #[error("TLS: {0}")]

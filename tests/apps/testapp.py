@@ -21,6 +21,8 @@ app.conf.update(
     broker_connection_max_retries=int(os.environ.get("TESTAPP_MAX_RETRIES", "100")),
     task_track_started=os.environ.get("TESTAPP_TRACK_STARTED") == "1",
 )
+if os.environ.get("TESTAPP_BROKER_HEARTBEAT"):
+    app.conf.broker_heartbeat = float(os.environ["TESTAPP_BROKER_HEARTBEAT"])
 if os.environ.get("TESTAPP_BROKER_CA"):
     import ssl
 

@@ -5,18 +5,22 @@
 //! `<connection epoch>.<amqp tag>`: after a reconnect, settling a tag of an earlier epoch is a
 //! no-op (the broker has already requeued that message).
 
+mod connection;
 mod fields;
+
+pub use connection::Error as TaskConnectionError;
+use connection::{Event, RawDelivery, TaskConnection};
 pub mod url;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
@@ -40,15 +44,15 @@ pub struct AmqpOptions {
     pub connect_timeout_ms: Option<u64>,
     pub max_retries: Option<u32>,
     /// `broker_transport_options['frame_max']`, which kombu hands to py-amqp: the frames the
-    /// task connection asks for first (otherwise `url::SMALL_FRAME_MAX`).
+    /// task connection asks for (otherwise `url::TASK_FRAME_MAX`).
     pub frame_max: Option<u32>,
 }
 
+/// The task connection of one epoch, and (until the consume loop takes them) its events.
 struct Session {
     epoch: u64,
-    #[allow(dead_code)] // kept so the connection lives as long as its channel
-    connection: Arc<Connection>,
-    channel: Channel,
+    connection: Arc<TaskConnection>,
+    events: Option<mpsc::Receiver<Event>>,
 }
 
 pub struct AmqpTransport {
@@ -58,9 +62,8 @@ pub struct AmqpTransport {
     options: AmqpOptions,
     session: tokio::sync::Mutex<Option<Session>>,
     epoch: AtomicU64,
-    /// The largest frame the task connection asks for: small until a message's headers need
-    /// more (`url::TASK_FRAME_MAX`), then that for as long as the worker runs.
-    task_frame_max: AtomicU32,
+    /// The largest frame the task connection asks for.
+    task_frame_max: u32,
     /// (epoch, delivery tag) handed out and not yet settled, in delivery order.
     held: Mutex<BTreeSet<(u64, u64)>>,
     /// Consumer tags of the current connection, cancelled before messages are given back.
@@ -88,16 +91,6 @@ enum PidboxError {
     Other(String),
 }
 
-fn exchange_kind(kind: &str) -> ExchangeKind {
-    match kind {
-        "direct" => ExchangeKind::Direct,
-        "fanout" => ExchangeKind::Fanout,
-        "topic" => ExchangeKind::Topic,
-        "headers" => ExchangeKind::Headers,
-        other => ExchangeKind::Custom(other.to_owned()),
-    }
-}
-
 /// Quorum queues cannot take a global QoS (`Tasks.qos_global`).
 fn uses_quorum(queues: &[QueueSpec]) -> bool {
     queues.iter().any(|q| q.queue_arguments.get("x-queue-type").and_then(Value::as_str) == Some("quorum"))
@@ -112,20 +105,13 @@ fn multiple_ack_cutoff(not_acked: impl Iterator<Item = u64>, acks: &BTreeSet<u64
     (run.len() >= 2).then(|| run[run.len() - 1])
 }
 
-/// lapin closes a connection that receives a frame larger than it negotiated: a message whose
-/// headers (one frame, never split) do not fit the task connection's frames.
-fn is_frame_too_large(e: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPHardError};
-    matches!(e, lapin::Error::ProtocolError(err) if *err.kind() == AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR))
-}
-
 fn split_tag(tag: &str) -> Option<(u64, u64)> {
     let (epoch, tag) = tag.split_once('.')?;
     Some((epoch.parse().ok()?, tag.parse().ok()?))
 }
 
 /// The properties kombu's py-amqp Message exposes, as a JSON map with `delivery_info`.
-fn to_delivery(epoch: u64, d: lapin::message::Delivery) -> Delivery {
+fn to_delivery(epoch: u64, d: RawDelivery) -> Delivery {
     let p = &d.properties;
     let mut props = Map::new();
     let mut put = |k: &str, v: Option<Value>| {
@@ -143,8 +129,8 @@ fn to_delivery(epoch: u64, d: lapin::message::Delivery) -> Delivery {
     put("type", p.kind().as_ref().map(|s| Value::from(s.as_str())));
     put("user_id", p.user_id().as_ref().map(|s| Value::from(s.as_str())));
     put("app_id", p.app_id().as_ref().map(|s| Value::from(s.as_str())));
-    let exchange = d.exchange.as_str().to_owned();
-    let routing_key = d.routing_key.as_str().to_owned();
+    let exchange = d.exchange;
+    let routing_key = d.routing_key;
     props.insert(
         "delivery_info".into(),
         serde_json::json!({"exchange": exchange, "routing_key": routing_key, "redelivered": d.redelivered}),
@@ -158,7 +144,7 @@ fn to_delivery(epoch: u64, d: lapin::message::Delivery) -> Delivery {
         content_encoding: p.content_encoding().as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default(),
         headers: p.headers().as_ref().map(|h| Value::Object(fields::table_to_json(h))).unwrap_or(Value::Null),
         properties: props,
-        body: d.data,
+        body: d.body,
     }
 }
 
@@ -171,9 +157,8 @@ impl AmqpTransport {
             .collect::<Option<_>>()
             .ok_or_else(|| TransportError::UnsupportedUrl(display.to_owned()))?;
         // 0 is AMQP's "no limit": the largest we ever ask for.
-        let first_frame_max = match options.frame_max {
-            None => url::SMALL_FRAME_MAX,
-            Some(0) => url::TASK_FRAME_MAX,
+        let task_frame_max = match options.frame_max {
+            None | Some(0) => url::TASK_FRAME_MAX,
             Some(f) => f.max(url::FRAME_MIN_SIZE),
         };
         let t = AmqpTransport {
@@ -182,7 +167,7 @@ impl AmqpTransport {
             options,
             session: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
-            task_frame_max: AtomicU32::new(first_frame_max),
+            task_frame_max,
             held: Mutex::new(BTreeSet::new()),
             consumer_tags: Default::default(),
             pidbox_channel: tokio::sync::Mutex::new(None),
@@ -226,11 +211,12 @@ impl AmqpTransport {
     }
 
     async fn open_session(&self, attempt: usize) -> Result<Session, TransportError> {
-        let frame_max = self.task_frame_max.load(Ordering::Relaxed);
-        let connection = self.connect_to(attempt, "celeriac", frame_max).await?;
-        let channel = connection.create_channel().await?;
+        let uri = &self.uris[attempt % self.uris.len()];
+        let (tx, events) = mpsc::channel(1024);
+        let connection =
+            TaskConnection::open(uri, "celeriac", self.task_frame_max, self.options.tls_ca_file.as_deref(), tx).await?;
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(Session { epoch, connection, channel })
+        Ok(Session { epoch, connection: Arc::new(connection), events: Some(events) })
     }
 
     /// Reconnect with back-off until it works or `broker_connection_max_retries` runs out.
@@ -261,40 +247,25 @@ impl AmqpTransport {
         }
     }
 
-    async fn declare_on(channel: &Channel, queues: &[QueueSpec]) -> Result<(), lapin::Error> {
+    async fn declare_on(connection: &TaskConnection, queues: &[QueueSpec]) -> Result<(), connection::Error> {
         for q in queues {
             if !q.exchange.is_empty() {
-                let opts = ExchangeDeclareOptions {
-                    durable: q.exchange_durable,
-                    auto_delete: q.exchange_auto_delete,
-                    ..Default::default()
-                };
-                channel
+                let arguments = fields::table_from_json(&q.exchange_arguments);
+                connection
                     .exchange_declare(
                         &q.exchange,
-                        exchange_kind(&q.exchange_type),
-                        opts,
-                        fields::table_from_json(&q.exchange_arguments),
+                        &q.exchange_type,
+                        q.exchange_durable,
+                        q.exchange_auto_delete,
+                        arguments,
                     )
                     .await?;
             }
-            let opts = QueueDeclareOptions {
-                durable: q.durable,
-                exclusive: q.exclusive,
-                auto_delete: q.auto_delete,
-                ..Default::default()
-            };
-            channel.queue_declare(&q.name, opts, fields::table_from_json(&q.queue_arguments)).await?;
+            let arguments = fields::table_from_json(&q.queue_arguments);
+            connection.queue_declare(&q.name, q.durable, q.exclusive, q.auto_delete, arguments).await?;
             if !q.exchange.is_empty() {
-                channel
-                    .queue_bind(
-                        &q.name,
-                        &q.exchange,
-                        &q.routing_key,
-                        QueueBindOptions::default(),
-                        fields::table_from_json(&q.binding_arguments),
-                    )
-                    .await?;
+                let arguments = fields::table_from_json(&q.binding_arguments);
+                connection.queue_bind(&q.name, &q.exchange, &q.routing_key, arguments).await?;
             }
         }
         Ok(())
@@ -379,30 +350,29 @@ impl AmqpTransport {
     }
 
     /// Stop the broker sending more (`basic.cancel`), so what we give back stays in the queue.
-    async fn cancel_consumers(&self, channel: &Channel) {
+    async fn cancel_consumers(&self, connection: &TaskConnection) {
         let tags: Vec<String> = std::mem::take(&mut *self.tags());
         for tag in tags {
-            if let Err(e) = channel.basic_cancel(&tag, BasicCancelOptions::default()).await {
+            if let Err(e) = connection.basic_cancel(&tag).await {
                 warn!("Could not cancel consumer {tag}: {e}");
             }
         }
     }
 
-    async fn set_qos(channel: &Channel, prefetch: usize, global: bool) -> Result<(), lapin::Error> {
-        let count = u16::try_from(prefetch).unwrap_or(u16::MAX);
-        channel.basic_qos(count, BasicQosOptions { global }).await
+    async fn set_qos(connection: &TaskConnection, prefetch: usize, global: bool) -> Result<(), connection::Error> {
+        connection.basic_qos(u16::try_from(prefetch).unwrap_or(u16::MAX), global).await
     }
 
-    /// Declare, set QoS and start one consumer per queue; deliveries of all of them are merged.
+    /// Declare, set QoS and start one consumer per queue; their deliveries all come as the
+    /// connection's events.
     async fn start_consumers(
         &self,
         session: &Session,
         queues: &[QueueSpec],
         prefetch: usize,
-        merged: &mpsc::Sender<Result<lapin::message::Delivery, lapin::Error>>,
-    ) -> Result<(), lapin::Error> {
-        Self::set_qos(&session.channel, prefetch, !uses_quorum(queues)).await?;
-        self.add_consumers(session, queues, merged).await
+    ) -> Result<(), connection::Error> {
+        Self::set_qos(&session.connection, prefetch, !uses_quorum(queues)).await?;
+        self.add_consumers(session, queues).await
     }
 
     fn consumer_tag(queue: &str) -> String {
@@ -410,36 +380,12 @@ impl AmqpTransport {
     }
 
     /// Declare `queues` and consume from them on the session's channel.
-    async fn add_consumers(
-        &self,
-        session: &Session,
-        queues: &[QueueSpec],
-        merged: &mpsc::Sender<Result<lapin::message::Delivery, lapin::Error>>,
-    ) -> Result<(), lapin::Error> {
-        Self::declare_on(&session.channel, queues).await?;
+    async fn add_consumers(&self, session: &Session, queues: &[QueueSpec]) -> Result<(), connection::Error> {
+        Self::declare_on(&session.connection, queues).await?;
         for q in queues {
             let tag = Self::consumer_tag(&q.name);
-            let mut consumer = session
-                .channel
-                .basic_consume(&q.name, &tag, BasicConsumeOptions::default(), FieldTable::default())
-                .await?;
-            self.tags().push(tag.clone());
-            let merged = merged.clone();
-            let queue = q.name.clone();
-            let tags = self.consumer_tags.clone();
-            tokio::spawn(async move {
-                while let Some(item) = consumer.next().await {
-                    if merged.send(item).await.is_err() {
-                        return;
-                    }
-                }
-                // A consumer we cancelled ourselves (`cancel_consumer`, shutdown) just ends;
-                // otherwise the broker cancelled us (queue deleted) or the channel closed.
-                if tags.lock().unwrap_or_else(|p| p.into_inner()).contains(&tag) {
-                    let _ = merged.send(Err(lapin::Error::InvalidChannelState(lapin::ChannelState::Closed))).await;
-                }
-                debug!("consumer for queue {queue} ended");
-            });
+            session.connection.basic_consume(&q.name, &tag).await?;
+            self.tags().push(tag);
         }
         Ok(())
     }
@@ -451,22 +397,17 @@ impl AmqpTransport {
     /// `add_consumer` / `cancel_consumer` on a live connection: consume from queues that
     /// joined the set, cancel the consumers of queues that left it. Deliveries already in hand
     /// from a cancelled queue are settled as usual.
-    async fn follow_queue_set(
-        &self,
-        consumed: &[QueueSpec],
-        wanted: &[QueueSpec],
-        merged: &mpsc::Sender<Result<lapin::message::Delivery, lapin::Error>>,
-    ) -> Result<(), lapin::Error> {
+    async fn follow_queue_set(&self, consumed: &[QueueSpec], wanted: &[QueueSpec]) -> Result<(), connection::Error> {
         let guard = self.session.lock().await;
         let Some(session) = guard.as_ref() else { return Ok(()) };
         for gone in consumed.iter().filter(|q| !wanted.iter().any(|w| w.name == q.name)) {
             let tag = Self::consumer_tag(&gone.name);
             self.tags().retain(|t| *t != tag);
-            session.channel.basic_cancel(&tag, BasicCancelOptions::default()).await?;
+            session.connection.basic_cancel(&tag).await?;
         }
         let added: Vec<QueueSpec> =
             wanted.iter().filter(|w| !consumed.iter().any(|q| q.name == w.name)).cloned().collect();
-        self.add_consumers(session, &added, merged).await
+        self.add_consumers(session, &added).await
     }
 }
 
@@ -474,7 +415,7 @@ impl Transport for AmqpTransport {
     async fn declare(&self, queues: &[QueueSpec]) -> Result<(), TransportError> {
         let guard = self.session.lock().await;
         let session = guard.as_ref().ok_or_else(|| TransportError::Disconnected(self.display.clone()))?;
-        Self::declare_on(&session.channel, queues).await?;
+        Self::declare_on(&session.connection, queues).await?;
         Ok(())
     }
 
@@ -488,8 +429,6 @@ impl Transport for AmqpTransport {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
-                // Kept open for consumers added later: each consumer task reports its end.
-                let (tx, mut rx) = mpsc::channel(1024);
                 let mut consumed = queues.borrow_and_update().clone();
                 let global = !uses_quorum(&consumed);
                 let epoch = {
@@ -502,19 +441,24 @@ impl Transport for AmqpTransport {
                         guard = self.session.lock().await;
                         *guard = Some(s);
                     }
-                    let Some(session) = guard.as_ref() else {
+                    let Some(session) = guard.as_mut() else {
                         return;
                     };
+                    let Some(events) = session.events.take() else {
+                        *guard = None;
+                        continue;
+                    };
                     let current = *prefetch.borrow();
-                    if let Err(e) = self.start_consumers(session, &consumed, current, &tx).await {
+                    if let Err(e) = self.start_consumers(session, &consumed, current).await {
                         error!("consumer: Cannot consume from {}: {e}", self.display);
                         *guard = None;
                         drop(guard);
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
                     }
-                    session.epoch
+                    (session.epoch, events)
                 };
+                let (epoch, mut rx) = epoch;
                 self.consuming.store(true, Ordering::Relaxed);
                 self.connections.fetch_add(1, Ordering::Relaxed);
                 if epoch > 1 {
@@ -524,8 +468,8 @@ impl Transport for AmqpTransport {
                 loop {
                     tokio::select! {
                         item = rx.recv() => match item {
-                            Some(Ok(d)) => {
-                                let delivery = to_delivery(epoch, d);
+                            Some(Event::Delivery(d)) => {
+                                let delivery = to_delivery(epoch, *d);
                                 let Ok(permit) = window.clone().acquire_owned().await else { return };
                                 permit.forget();
                                 if let Some(t) = split_tag(&delivery.tag) {
@@ -535,18 +479,16 @@ impl Transport for AmqpTransport {
                                     return;
                                 }
                             }
-                            Some(Err(e)) if is_frame_too_large(&e) => {
-                                // The message stays unacknowledged: the broker gives it back,
-                                // and the next connection takes frames its headers fit in.
-                                let previous = self.task_frame_max.fetch_max(url::TASK_FRAME_MAX, Ordering::Relaxed);
-                                warn!(
-                                    "consumer: A message's headers do not fit in {} KiB frames ({e}): reconnecting with {} KiB frames, as for the rest of this run.",
-                                    previous / 1024,
-                                    url::TASK_FRAME_MAX / 1024
-                                );
+                            // A consumer we cancelled ourselves (`cancel_consumer`, shutdown) is
+                            // no longer in `tags`; any other the broker cancelled (queue deleted).
+                            Some(Event::Cancelled(tag)) if !self.tags().contains(&tag) => {
+                                debug!("consumer {tag} ended");
+                            }
+                            Some(Event::Cancelled(tag)) => {
+                                error!("consumer: Connection to broker lost: the broker cancelled consumer {tag}. Trying to re-establish the connection...");
                                 break;
                             }
-                            Some(Err(e)) => {
+                            Some(Event::Closed(e)) => {
                                 error!("consumer: Connection to broker lost: {e}. Trying to re-establish the connection...");
                                 break;
                             }
@@ -558,7 +500,7 @@ impl Transport for AmqpTransport {
                             if global {
                                 let guard = self.session.lock().await;
                                 if let Some(s) = guard.as_ref() {
-                                    if let Err(e) = Self::set_qos(&s.channel, count, true).await {
+                                    if let Err(e) = Self::set_qos(&s.connection, count, true).await {
                                         warn!("Could not change prefetch to {count}: {e}");
                                     }
                                 }
@@ -567,7 +509,7 @@ impl Transport for AmqpTransport {
                         changed = queues.changed() => {
                             if changed.is_err() { return; }
                             let wanted = queues.borrow_and_update().clone();
-                            if let Err(e) = self.follow_queue_set(&consumed, &wanted, &tx).await {
+                            if let Err(e) = self.follow_queue_set(&consumed, &wanted).await {
                                 error!("consumer: Cannot change the queues consumed from: {e}");
                                 break;
                             }
@@ -577,8 +519,11 @@ impl Transport for AmqpTransport {
                     }
                 }
                 self.consuming.store(false, Ordering::Relaxed);
-                // The broker requeues everything this connection held.
-                *self.session.lock().await = None;
+                // The broker requeues everything this connection held. Said goodbye to where it
+                // still listens (a channel error, a cancelled consumer), so it logs no error.
+                if let Some(s) = self.session.lock().await.take() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), s.connection.close("reconnecting")).await;
+                }
                 self.tags().clear();
                 self.held().retain(|(e, _)| *e != epoch);
                 if deliveries.send(Incoming::ConnectionLost).await.is_err() {
@@ -598,7 +543,7 @@ impl Transport for AmqpTransport {
         if batch.iter().any(|op| matches!(op, Settle::Restore(_))) {
             // Restores happen at shutdown: stop deliveries first (stock cancels the task
             // consumer before it releases its messages).
-            self.cancel_consumers(&session.channel).await;
+            self.cancel_consumers(&session.connection).await;
         }
         let epoch = session.epoch;
         // What to send, decided under the lock: only tags we still hold from this connection
@@ -641,15 +586,15 @@ impl Transport for AmqpTransport {
             singles.extend(acks.into_iter().filter(|t| cutoff.is_none_or(|c| *t > c)).map(|t| (t, None)));
             (cutoff, singles)
         };
-        if let Some(cutoff) = cutoff {
-            session.channel.basic_ack(cutoff, BasicAckOptions { multiple: true }).await?;
-        }
+        let mut acks: Vec<(u64, bool)> = cutoff.map(|c| (c, true)).into_iter().collect();
+        let mut rejects = Vec::new();
         for (tag, reject) in singles {
             match reject {
-                None => session.channel.basic_ack(tag, BasicAckOptions::default()).await?,
-                Some(requeue) => session.channel.basic_reject(tag, BasicRejectOptions { requeue }).await?,
+                None => acks.push((tag, false)),
+                Some(requeue) => rejects.push((tag, requeue)),
             }
         }
+        session.connection.settle(&acks, &rejects).await?;
         Ok(())
     }
 
@@ -658,7 +603,7 @@ impl Transport for AmqpTransport {
         let n = tags.len();
         self.settle(tags).await?;
         if let Some(s) = self.session.lock().await.take() {
-            let _ = s.channel.close(200, "worker shutdown").await;
+            s.connection.close("worker shutdown").await;
         }
         // All of them (remote control, gossip, beat's lock too): one left open when the runtime
         // ends would have its I/O fail and log an error on the way out.

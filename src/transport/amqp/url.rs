@@ -21,15 +21,12 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// RabbitMQ's default frame limit, what stock's py-amqp asks for. A message's headers travel
-/// in one frame that cannot be split, and lapin closes a connection that receives a frame
-/// larger than it negotiated: once a task message's headers need more than `SMALL_FRAME_MAX`,
-/// the task connection reconnects asking for this.
+/// RabbitMQ's default frame limit, what stock's py-amqp asks for: the task connection's frames
+/// unless `broker_transport_options['frame_max']` says otherwise.
 pub const TASK_FRAME_MAX: u32 = 128 * 1024;
-/// What every connection asks for first. lapin keeps two ring buffers of 32 frames per
-/// connection, and a drain writes through all of them: 1 MiB resident at 16 KiB frames, 8 MiB
-/// at 128 KiB. Task messages' headers are a few hundred bytes; bodies of any size are split
-/// into as many frames as they need.
+/// What lapin's connections (remote control, events, beat's lock) ask for. lapin keeps two ring
+/// buffers of 32 frames per connection: 1 MiB at 16 KiB frames, 8 MiB at 128 KiB. Their
+/// messages are small; a larger one makes lapin drop the connection, which then reconnects.
 pub const SMALL_FRAME_MAX: u32 = 16 * 1024;
 /// The smallest frame AMQP 0-9-1 allows.
 pub const FRAME_MIN_SIZE: u32 = 4096;
