@@ -18,7 +18,8 @@ same pre-filled queue and the same way of seeing completions:
   result     tasks returning 10 KB, stored in the Redis result backend; counted by DBSIZE.
   latency    200 tasks/s for 10 s into a running worker, after 1 s of the same not counted;
              from apply_async's return (the message is in the broker) to the task's end (it
-             RPUSHes its id and the time); p50/p99.
+             RPUSHes its id and the time); p50/p99. Also the broker's own floor: a kombu
+             consumer that only acks, fed the same way (no worker can be faster).
   roundtrip  `add.delay(1, 1).get()` in a loop against a running worker; median ms per call.
   startup    one task waiting; from starting the worker (default flags, so mingle runs) until
              its result is stored.
@@ -425,6 +426,58 @@ def latency(broker, ctx, kind):
     return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)], "problems": problems}
 
 
+def _floor_consumer(url, ready, out, seconds):
+    from kombu import Connection, Consumer, Exchange, Queue
+
+    seen = {}
+    with Connection(url) as conn:
+        queue = Queue("bench-floor", Exchange("bench-floor", "direct"), routing_key="bench-floor", auto_delete=True)
+
+        def on_message(body, message):
+            seen[body["id"]] = time.time()
+            message.ack()
+
+        with Consumer(conn, [queue], callbacks=[on_message], accept=["json"]):
+            ready.put(True)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    conn.drain_events(timeout=0.2)
+                except Exception:  # timeouts
+                    pass
+    out.put(seen)
+
+
+def latency_floor(broker, ctx):
+    """The broker's own latency at the same 200/s: a kombu consumer that only acks (no worker),
+    from publish's return to the message in the consumer's hands. No worker can be below it."""
+    import multiprocessing
+
+    from kombu import Connection, Exchange, Producer
+
+    rate, seconds = 200, 10
+    mp = multiprocessing.get_context("fork")
+    ready, out = mp.Queue(), mp.Queue()
+    proc = mp.Process(target=_floor_consumer, args=(broker.url, ready, out, seconds + 4))
+    proc.start()
+    ready.get(timeout=30)
+    sent = {}
+    with Connection(broker.url) as conn:
+        producer = Producer(conn.channel(), exchange=Exchange("bench-floor", "direct"), routing_key="bench-floor")
+        t0 = time.monotonic()
+        for i in range(rate * (seconds + 1)):
+            pause = t0 + i / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            producer.publish({"id": i}, serializer="json")
+            if i >= rate:  # the first second is not counted, as for the workers
+                sent[i] = time.time()
+    seen = out.get(timeout=60)
+    proc.join(10)
+    samples = sorted(max(0.0, seen[i] - t) * 1000 for i, t in sent.items() if i in seen)
+    return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)]}
+
+
 def roundtrip(broker, ctx, kind):
     w = running(broker, ctx, kind)
     times = []
@@ -596,7 +649,7 @@ def verdict(better, ratio, target):
     return f"{want} {'met' if met else 'NOT met'}"
 
 
-def report(broker_kind, results, bare_rates):
+def report(broker_kind, results, bare_rates, floors=()):
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     rounds = max((len(v) for v in results["stock"].values()), default=0)
     print(f"\n{broker_kind}: medians of {rounds} round(s)")
@@ -620,6 +673,9 @@ def report(broker_kind, results, bare_rates):
     if lat:
         p99 = med([r["p99"] for r in lat])
         print(f"{'celeriac p99 latency ≤ 1 ms':38} {'':>10} {p99:>10.2f} {'':>7}  {'met' if p99 <= 1 else 'NOT met'}")
+    if floors:
+        p50, p99 = med([f["p50"] for f in floors]), med([f["p99"] for f in floors])
+        print(f"{'broker alone at 200/s, p50 / p99 ms':38} {'':>10} {p50:>5.2f}/{p99:.2f}  (kombu consumer, no worker)")
 
 
 class Context:
@@ -672,7 +728,7 @@ def main():
         ctx.app = benchapp(BROKER_URLS[broker_kind])
         broker = RedisBroker(ctx.app) if broker_kind == "redis" else AmqpBroker(ctx.app)
         results = {"stock": {}, "celeriac": {}}
-        bare_rates = []
+        bare_rates, floors = [], []
         for rnd in range(1, args.rounds + 1):
             order = ("stock", "celeriac") if rnd % 2 else ("celeriac", "stock")
             for scenario in scenarios:
@@ -688,7 +744,10 @@ def main():
                     r = drain(broker, ctx, "bare")
                     bare_rates.append(r["rate"])
                     print(f"  {broker_kind} round {rnd} drain     bare     rate {r['rate']:.0f}/s", flush=True)
-        report(broker_kind, results, bare_rates)
+                if scenario == "latency":
+                    floors.append(latency_floor(broker, ctx))
+                    print(f"  {broker_kind} round {rnd} latency   broker   {floors[-1]}", flush=True)
+        report(broker_kind, results, bare_rates, floors)
     for note in notes:
         print("note:", note)
 

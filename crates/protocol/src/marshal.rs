@@ -104,6 +104,18 @@ impl Writer {
         self.end_dict();
     }
 
+    /// A dict entry whose value is text.
+    pub fn entry_str(&mut self, key: &str, value: &str) {
+        self.str(key);
+        self.str(value);
+    }
+
+    /// A dict entry.
+    pub fn entry(&mut self, key: &str, value: &Value) {
+        self.str(key);
+        self.value(value);
+    }
+
     /// A dict's entries follow as key, value, key, value, ... until `end_dict`.
     pub fn begin_dict(&mut self) {
         self.buf.push(b'{');

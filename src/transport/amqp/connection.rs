@@ -10,7 +10,7 @@
 //! broker sends is accepted, so headers larger than the negotiated frame (never split) do not
 //! close the connection.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::frame::{gen_frame, AMQPFrame, WriteContext};
@@ -18,7 +18,7 @@ use amq_protocol::protocol::{basic, channel, connection, exchange, queue, AMQPCl
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use amq_protocol::uri::{AMQPScheme, AMQPUri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
@@ -78,20 +78,15 @@ trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
 type Writer = tokio::io::WriteHalf<Stream>;
 
-/// Where the reply to the synchronous method in flight goes; `None` in the flag once nothing
-/// reads the connection any more.
-#[derive(Default)]
-struct ReplySlot {
-    waiting: Mutex<Option<oneshot::Sender<Result<AMQPClass, Error>>>>,
-    closed: std::sync::atomic::AtomicBool,
-}
+/// Replies to synchronous methods, in the order the broker sent them; the reader's last word
+/// is why it stopped.
+type Replies = mpsc::UnboundedReceiver<Result<AMQPClass, Error>>;
 
 pub struct TaskConnection {
     writer: Arc<tokio::sync::Mutex<Writer>>,
-    /// One synchronous method (declare, qos, consume, cancel, close) at a time: the next reply
-    /// on the channel is its.
-    rpc: tokio::sync::Mutex<()>,
-    reply: Arc<ReplySlot>,
+    /// One synchronous method (declare, qos, consume, cancel, close) at a time, holding this
+    /// while it waits for its reply.
+    replies: tokio::sync::Mutex<Replies>,
     reader: tokio::task::JoinHandle<()>,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
@@ -225,76 +220,72 @@ impl TaskConnection {
         events: mpsc::Sender<Event>,
     ) -> Result<TaskConnection, Error> {
         let timeout = Duration::from_millis(uri.query.connection_timeout.unwrap_or(10_000).max(1));
-        tokio::time::timeout(timeout, Self::handshake(uri, name, frame_max, tls_ca_file, events))
-            .await
-            .map_err(|_| Error::Timeout)?
-    }
-
-    async fn handshake(
-        uri: &AMQPUri,
-        name: &str,
-        frame_max: u32,
-        tls_ca_file: Option<&str>,
-        events: mpsc::Sender<Event>,
-    ) -> Result<TaskConnection, Error> {
-        let stream = open_stream(uri, tls_ca_file).await?;
-        let (read, mut write) = tokio::io::split(stream);
-        let mut read = BufReader::with_capacity(64 * 1024, read);
-        let mut buf = Vec::with_capacity(4096);
-        write.write_all(b"AMQP\x00\x00\x09\x01").await?;
-        let AMQPClass::Connection(connection::AMQPMethod::Start(start)) = expect_method(&mut read, &mut buf).await?
-        else {
-            return Err(Error::Protocol("expected connection.start".into()));
+        let handshake = async {
+            let stream = open_stream(uri, tls_ca_file).await?;
+            let (read, mut write) = tokio::io::split(stream);
+            let mut read = BufReader::with_capacity(64 * 1024, read);
+            let mut buf = Vec::with_capacity(4096);
+            write.write_all(b"AMQP\x00\x00\x09\x01").await?;
+            let AMQPClass::Connection(connection::AMQPMethod::Start(start)) =
+                expect_method(&mut read, &mut buf).await?
+            else {
+                return Err(Error::Protocol("expected connection.start".into()));
+            };
+            let mechanisms = String::from_utf8_lossy(start.mechanisms.as_bytes()).into_owned();
+            if !mechanisms.split_whitespace().any(|m| m == "PLAIN") {
+                return Err(Error::Protocol(format!("the broker offers no PLAIN login ({mechanisms})")));
+            }
+            let user = &uri.authority.userinfo;
+            let response = format!("\0{}\0{}", user.username, user.password);
+            let start_ok = connection::StartOk {
+                client_properties: client_properties(name),
+                mechanism: "PLAIN".into(),
+                response: LongString::from(response),
+                locale: "en_US".into(),
+            };
+            write
+                .write_all(&encode(&AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
+                ))?)
+                .await?;
+            // A refused login ends here: RabbitMQ says why (`authentication_failure_close`).
+            let AMQPClass::Connection(connection::AMQPMethod::Tune(tune)) = expect_method(&mut read, &mut buf).await?
+            else {
+                return Err(Error::Protocol("expected connection.tune".into()));
+            };
+            let frame_max = match tune.frame_max {
+                0 => frame_max,
+                server => frame_max.min(server),
+            };
+            let heartbeat = uri.query.heartbeat.unwrap_or(tune.heartbeat);
+            let tune_ok = connection::TuneOk { channel_max: tune.channel_max, frame_max, heartbeat };
+            write
+                .write_all(&encode(&AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
+                ))?)
+                .await?;
+            let open = connection::Open { virtual_host: uri.vhost.as_str().into() };
+            write
+                .write_all(&encode(&AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Open(open))))?)
+                .await?;
+            let AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)) = expect_method(&mut read, &mut buf).await?
+            else {
+                return Err(Error::Protocol("expected connection.open-ok".into()));
+            };
+            write.write_all(&method(AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})))?).await?;
+            let AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)) = expect_method(&mut read, &mut buf).await? else {
+                return Err(Error::Protocol("expected channel.open-ok".into()));
+            };
+            let (reply, replies) = mpsc::unbounded_channel();
+            let writer = Arc::new(tokio::sync::Mutex::new(write));
+            let every = (heartbeat > 0).then(|| Duration::from_secs(u64::from(heartbeat)));
+            let reader = tokio::spawn(read_loop(read, buf, reply, events, every));
+            let heartbeat = every.map(|every| tokio::spawn(send_heartbeats(Arc::downgrade(&writer), every)));
+            Ok(TaskConnection { writer, replies: tokio::sync::Mutex::new(replies), reader, heartbeat })
         };
-        let mechanisms = String::from_utf8_lossy(start.mechanisms.as_bytes()).into_owned();
-        if !mechanisms.split_whitespace().any(|m| m == "PLAIN") {
-            return Err(Error::Protocol(format!("the broker offers no PLAIN login ({mechanisms})")));
-        }
-        let user = &uri.authority.userinfo;
-        let response = format!("\0{}\0{}", user.username, user.password);
-        let start_ok = connection::StartOk {
-            client_properties: client_properties(name),
-            mechanism: "PLAIN".into(),
-            response: LongString::from(response),
-            locale: "en_US".into(),
-        };
-        write
-            .write_all(&encode(&AMQPFrame::Method(
-                0,
-                AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
-            ))?)
-            .await?;
-        // A refused login ends here: RabbitMQ says why (`authentication_failure_close`).
-        let AMQPClass::Connection(connection::AMQPMethod::Tune(tune)) = expect_method(&mut read, &mut buf).await?
-        else {
-            return Err(Error::Protocol("expected connection.tune".into()));
-        };
-        let frame_max = match tune.frame_max {
-            0 => frame_max,
-            server => frame_max.min(server),
-        };
-        let heartbeat = uri.query.heartbeat.unwrap_or(tune.heartbeat);
-        let tune_ok = connection::TuneOk { channel_max: tune.channel_max, frame_max, heartbeat };
-        write
-            .write_all(&encode(&AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok))))?)
-            .await?;
-        let open = connection::Open { virtual_host: uri.vhost.as_str().into() };
-        write
-            .write_all(&encode(&AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Open(open))))?)
-            .await?;
-        let AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)) = expect_method(&mut read, &mut buf).await? else {
-            return Err(Error::Protocol("expected connection.open-ok".into()));
-        };
-        write.write_all(&method(AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})))?).await?;
-        let AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)) = expect_method(&mut read, &mut buf).await? else {
-            return Err(Error::Protocol("expected channel.open-ok".into()));
-        };
-        let reply: Arc<ReplySlot> = Arc::default();
-        let writer = Arc::new(tokio::sync::Mutex::new(write));
-        let every = (heartbeat > 0).then(|| Duration::from_secs(u64::from(heartbeat)));
-        let reader = tokio::spawn(read_loop(read, buf, reply.clone(), events, every));
-        let heartbeat = every.map(|every| tokio::spawn(send_heartbeats(Arc::downgrade(&writer), every)));
-        Ok(TaskConnection { writer, rpc: tokio::sync::Mutex::new(()), reply, reader, heartbeat })
+        tokio::time::timeout(timeout, handshake).await.map_err(|_| Error::Timeout)?
     }
 
     /// Write raw frame bytes.
@@ -303,19 +294,19 @@ impl TaskConnection {
         w.write_all(bytes).await.map_err(Error::from)
     }
 
-    /// A synchronous method: send it and wait for its reply.
-    async fn call(&self, class: AMQPClass) -> Result<AMQPClass, Error> {
-        let _one_at_a_time = self.rpc.lock().await;
-        let (tx, rx) = oneshot::channel();
-        *self.reply.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-        // The reader sets `closed` before it answers whatever waits: a method sent after that
-        // would wait for ever.
-        if self.reply.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            self.reply.waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
-            return Err(Error::Closed);
-        }
+    /// A synchronous method: send it and wait for the reply `is_reply` accepts. A reply to a
+    /// method whose caller gave up waiting (a timeout) comes first and is passed over.
+    async fn call(&self, class: AMQPClass, is_reply: fn(&AMQPClass) -> bool) -> Result<AMQPClass, Error> {
+        let mut replies = self.replies.lock().await;
         self.send(&method(class)?).await?;
-        rx.await.map_err(|_| Error::Closed)?
+        loop {
+            match replies.recv().await {
+                Some(Ok(reply)) if is_reply(&reply) => return Ok(reply),
+                Some(Ok(_stale)) => continue,
+                Some(Err(e)) => return Err(e),
+                None => return Err(Error::Closed),
+            }
+        }
     }
 
     pub async fn exchange_declare(
@@ -336,7 +327,8 @@ impl TaskConnection {
             nowait: false,
             arguments,
         };
-        self.call(AMQPClass::Exchange(exchange::AMQPMethod::Declare(m))).await.map(drop)
+        let is_reply = |c: &AMQPClass| matches!(c, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)));
+        self.call(AMQPClass::Exchange(exchange::AMQPMethod::Declare(m)), is_reply).await.map(drop)
     }
 
     pub async fn queue_declare(
@@ -356,7 +348,8 @@ impl TaskConnection {
             nowait: false,
             arguments,
         };
-        self.call(AMQPClass::Queue(queue::AMQPMethod::Declare(m))).await.map(drop)
+        let is_reply = |c: &AMQPClass| matches!(c, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)));
+        self.call(AMQPClass::Queue(queue::AMQPMethod::Declare(m)), is_reply).await.map(drop)
     }
 
     pub async fn queue_bind(
@@ -373,12 +366,14 @@ impl TaskConnection {
             nowait: false,
             arguments,
         };
-        self.call(AMQPClass::Queue(queue::AMQPMethod::Bind(m))).await.map(drop)
+        let is_reply = |c: &AMQPClass| matches!(c, AMQPClass::Queue(queue::AMQPMethod::BindOk(_)));
+        self.call(AMQPClass::Queue(queue::AMQPMethod::Bind(m)), is_reply).await.map(drop)
     }
 
     pub async fn basic_qos(&self, prefetch_count: u16, global: bool) -> Result<(), Error> {
         let m = basic::Qos { prefetch_count, global };
-        self.call(AMQPClass::Basic(basic::AMQPMethod::Qos(m))).await.map(drop)
+        let is_reply = |c: &AMQPClass| matches!(c, AMQPClass::Basic(basic::AMQPMethod::QosOk(_)));
+        self.call(AMQPClass::Basic(basic::AMQPMethod::Qos(m)), is_reply).await.map(drop)
     }
 
     pub async fn basic_consume(&self, queue: &str, consumer_tag: &str) -> Result<(), Error> {
@@ -391,12 +386,14 @@ impl TaskConnection {
             nowait: false,
             arguments: FieldTable::default(),
         };
-        self.call(AMQPClass::Basic(basic::AMQPMethod::Consume(m))).await.map(drop)
+        let is_reply = |c: &AMQPClass| matches!(c, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_)));
+        self.call(AMQPClass::Basic(basic::AMQPMethod::Consume(m)), is_reply).await.map(drop)
     }
 
     pub async fn basic_cancel(&self, consumer_tag: &str) -> Result<(), Error> {
         let m = basic::Cancel { consumer_tag: consumer_tag.into(), nowait: false };
-        self.call(AMQPClass::Basic(basic::AMQPMethod::Cancel(m))).await.map(drop)
+        let is_reply = |c: &AMQPClass| matches!(c, AMQPClass::Basic(basic::AMQPMethod::CancelOk(_)));
+        self.call(AMQPClass::Basic(basic::AMQPMethod::Cancel(m)), is_reply).await.map(drop)
     }
 
     /// Acks, rejects and requeues: written in one go, no reply.
@@ -416,7 +413,9 @@ impl TaskConnection {
         let close = channel::Close { reply_code: 200, reply_text: reason.into(), class_id: 0, method_id: 0 };
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            self.call(AMQPClass::Channel(channel::AMQPMethod::Close(close))),
+            self.call(AMQPClass::Channel(channel::AMQPMethod::Close(close)), |c| {
+                matches!(c, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))
+            }),
         )
         .await;
         let close = connection::Close { reply_code: 200, reply_text: reason.into(), class_id: 0, method_id: 0 };
@@ -443,31 +442,24 @@ async fn send_heartbeats(writer: std::sync::Weak<tokio::sync::Mutex<Writer>>, ev
     }
 }
 
-fn reply_to(slot: &ReplySlot, reply: Result<AMQPClass, Error>) {
-    if let Some(tx) = slot.waiting.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        let _ = tx.send(reply);
-    }
-}
-
 /// Read frames until the connection ends: deliveries and cancellations to `events`, replies
 /// to the method waiting for one.
 async fn read_loop<R: AsyncRead + Unpin>(
     mut read: R,
     mut buf: Vec<u8>,
-    reply: Arc<ReplySlot>,
+    replies: mpsc::UnboundedSender<Result<AMQPClass, Error>>,
     events: mpsc::Sender<Event>,
     heartbeat: Option<Duration>,
 ) {
-    let error = read_frames(&mut read, &mut buf, &reply, &events, heartbeat).await;
-    reply.closed.store(true, std::sync::atomic::Ordering::SeqCst);
-    reply_to(&reply, Err(error.clone()));
+    let error = read_frames(&mut read, &mut buf, &replies, &events, heartbeat).await;
+    let _ = replies.send(Err(error.clone()));
     let _ = events.send(Event::Closed(error)).await;
 }
 
 async fn read_frames<R: AsyncRead + Unpin>(
     read: &mut R,
     buf: &mut Vec<u8>,
-    reply: &ReplySlot,
+    replies: &mpsc::UnboundedSender<Result<AMQPClass, Error>>,
     events: &mpsc::Sender<Event>,
     heartbeat: Option<Duration>,
 ) -> Error {
@@ -518,7 +510,9 @@ async fn read_frames<R: AsyncRead + Unpin>(
                     AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => {
                         tracing::info!("RabbitMQ unblocked the connection");
                     }
-                    other => reply_to(reply, Ok(other)),
+                    other => {
+                        let _ = replies.send(Ok(other));
+                    }
                 }
             }
             FRAME_HEADER => {
