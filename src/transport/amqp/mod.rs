@@ -1,5 +1,7 @@
-//! RabbitMQ over AMQP 0-9-1 (lapin), declaring exactly what kombu declares (reference §3) so a
-//! stock worker and celeriac can share a vhost without PRECONDITION_FAILED.
+//! RabbitMQ over AMQP 0-9-1, declaring exactly what kombu declares (reference §3) so a stock
+//! worker and celeriac can share a vhost without PRECONDITION_FAILED. Tasks are consumed on a
+//! connection of celeriac's own client (`connection.rs`); remote control, events, gossip, mingle
+//! and beat's lock use lapin.
 //!
 //! Delivery tags are only valid on the channel that delivered them, so celeriac's tags are
 //! `<connection epoch>.<amqp tag>`: after a reconnect, settling a tag of an earlier epoch is a
@@ -7,10 +9,10 @@
 
 mod connection;
 mod fields;
+pub mod url;
 
 pub use connection::Error as TaskConnectionError;
 use connection::{Event, RawDelivery, TaskConnection};
-pub mod url;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
