@@ -106,8 +106,14 @@ fn encode(frame: &AMQPFrame) -> Result<Vec<u8>, Error> {
         .map_err(|e| Error::Protocol(format!("cannot encode a frame: {e:?}")))
 }
 
+/// A method on the one channel.
 fn method(class: AMQPClass) -> Result<Vec<u8>, Error> {
     encode(&AMQPFrame::Method(CHANNEL, class))
+}
+
+/// A method on channel 0, the connection's own.
+fn connection_method(m: connection::AMQPMethod) -> Result<Vec<u8>, Error> {
+    encode(&AMQPFrame::Method(0, AMQPClass::Connection(m)))
 }
 
 /// One frame: (type, channel, payload); the payload is read into `buf`.
@@ -135,7 +141,7 @@ fn parse_method(payload: &[u8]) -> Result<AMQPClass, Error> {
         .map_err(|e| Error::Protocol(format!("cannot parse a method: {e}")))
 }
 
-/// During the handshake: the next method on `channel`, or the broker's reason for closing.
+/// During the handshake: the next method, or the broker's reason for closing.
 async fn expect_method<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<AMQPClass, Error> {
     loop {
         let (kind, _) = read_frame(r, buf).await?;
@@ -243,12 +249,7 @@ impl TaskConnection {
                 response: LongString::from(response),
                 locale: "en_US".into(),
             };
-            write
-                .write_all(&encode(&AMQPFrame::Method(
-                    0,
-                    AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
-                ))?)
-                .await?;
+            write.write_all(&connection_method(connection::AMQPMethod::StartOk(start_ok))?).await?;
             // A refused login ends here: RabbitMQ says why (`authentication_failure_close`).
             let AMQPClass::Connection(connection::AMQPMethod::Tune(tune)) = expect_method(&mut read, &mut buf).await?
             else {
@@ -260,16 +261,9 @@ impl TaskConnection {
             };
             let heartbeat = uri.query.heartbeat.unwrap_or(tune.heartbeat);
             let tune_ok = connection::TuneOk { channel_max: tune.channel_max, frame_max, heartbeat };
-            write
-                .write_all(&encode(&AMQPFrame::Method(
-                    0,
-                    AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
-                ))?)
-                .await?;
+            write.write_all(&connection_method(connection::AMQPMethod::TuneOk(tune_ok))?).await?;
             let open = connection::Open { virtual_host: uri.vhost.as_str().into() };
-            write
-                .write_all(&encode(&AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Open(open))))?)
-                .await?;
+            write.write_all(&connection_method(connection::AMQPMethod::Open(open))?).await?;
             let AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)) = expect_method(&mut read, &mut buf).await?
             else {
                 return Err(Error::Protocol("expected connection.open-ok".into()));
@@ -419,7 +413,7 @@ impl TaskConnection {
         )
         .await;
         let close = connection::Close { reply_code: 200, reply_text: reason.into(), class_id: 0, method_id: 0 };
-        if let Ok(bytes) = encode(&AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(close)))) {
+        if let Ok(bytes) = connection_method(connection::AMQPMethod::Close(close)) {
             let _ = self.send(&bytes).await;
         }
         let mut w = self.writer.lock().await;

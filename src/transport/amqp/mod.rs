@@ -53,7 +53,7 @@ pub struct AmqpOptions {
 /// The task connection of one epoch, and (until the consume loop takes them) its events.
 struct Session {
     epoch: u64,
-    connection: Arc<TaskConnection>,
+    connection: TaskConnection,
     events: Option<mpsc::Receiver<Event>>,
 }
 
@@ -68,9 +68,9 @@ pub struct AmqpTransport {
     task_frame_max: u32,
     /// (epoch, delivery tag) handed out and not yet settled, in delivery order.
     held: Mutex<BTreeSet<(u64, u64)>>,
-    /// Consumer tags of the current connection, cancelled before messages are given back.
-    /// Tags of our live consumers; shared with the tasks that forward their deliveries.
-    consumer_tags: Arc<Mutex<Vec<String>>>,
+    /// Consumer tags of the current connection, cancelled before messages are given back; a
+    /// broker cancellation of a tag still here means its queue went away.
+    consumer_tags: Mutex<Vec<String>>,
     /// The remote-control connection's channel, also used to publish replies.
     pidbox_channel: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     /// Beat's leader lock: the connection whose exclusive queue is the lock, and a channel.
@@ -218,7 +218,7 @@ impl AmqpTransport {
         let connection =
             TaskConnection::open(uri, "celeriac", self.task_frame_max, self.options.tls_ca_file.as_deref(), tx).await?;
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(Session { epoch, connection: Arc::new(connection), events: Some(events) })
+        Ok(Session { epoch, connection, events: Some(events) })
     }
 
     /// Reconnect with back-off until it works or `broker_connection_max_retries` runs out.
@@ -433,7 +433,7 @@ impl Transport for AmqpTransport {
             loop {
                 let mut consumed = queues.borrow_and_update().clone();
                 let global = !uses_quorum(&consumed);
-                let epoch = {
+                let (epoch, mut rx) = {
                     let mut guard = self.session.lock().await;
                     if guard.is_none() {
                         drop(guard);
@@ -460,7 +460,6 @@ impl Transport for AmqpTransport {
                     }
                     (session.epoch, events)
                 };
-                let (epoch, mut rx) = epoch;
                 self.consuming.store(true, Ordering::Relaxed);
                 self.connections.fetch_add(1, Ordering::Relaxed);
                 if epoch > 1 {
