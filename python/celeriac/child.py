@@ -43,23 +43,25 @@ CELERY_5_7 = tuple(celery.VERSION[:2]) >= (5, 7)
 _SUCCEEDED_KEYS = {"outcome", "runtime", "result", "exiting"}
 
 
-def _json_body_decoder_is_kombus():
-    return _kombu_registry._decoders.get("application/json") is json_loads
+def _kombu_would_decode_json(accept):
+    """kombu's own decoder is the registered one for JSON, and kombu's ``loads`` would accept
+    JSON (`accept_content`, else the registry's disabled types): the child may decode plain
+    JSON bodies itself."""
+    if _kombu_registry._decoders.get("application/json") is not json_loads:
+        return False
+    if accept is not None:
+        return "application/json" in accept
+    return "application/json" not in _kombu_registry._disabled_content_types
 
 
-def _decode_json_body(body, accept):
+def _decode_json_body(body):
     """What kombu's ``loads`` returns for a JSON task body, without its per-object Python hook.
 
     Only where that hook cannot act (no ``__type__`` key, not even one spelled with ``\\u``
-    escapes), JSON is accepted and kombu's own decoder is the registered one; otherwise (and on
-    any error, so kombu raises its own DecodeError) ``None``: the caller lets kombu decode.
+    escapes); otherwise (and on any error, so kombu raises its own DecodeError) ``None``: the
+    caller lets kombu decode.
     """
     if not body or b"__type__" in body or b"\\u00" in body:
-        return None
-    if accept is not None:
-        if "application/json" not in accept:
-            return None
-    elif "application/json" in _kombu_registry._disabled_content_types:
         return None
     try:
         return json.loads(body.decode("utf-8"))
@@ -100,7 +102,7 @@ class Child:
         self.app = app
         self.hostname = hostname
         self.accept = trace._localized[1] if len(trace._localized) > 1 else None
-        self.fast_json_bodies = _json_body_decoder_is_kombus()
+        self.fast_json_bodies = _kombu_would_decode_json(self.accept)
         self.max_tasks = max_tasks or 0
         self.max_memory_kib = max_memory_kib or 0
         self.completed = 0
@@ -172,7 +174,7 @@ class Child:
                 body, request, _decoded, _utc = hybrid_to_proto2(_MessageShim(request), decoded)
                 content_type = content_encoding = None
             elif content_type == "application/json" and self.fast_json_bodies:
-                decoded = _decode_json_body(body, self.accept)
+                decoded = _decode_json_body(body)
                 if decoded is not None:
                     body, content_type, content_encoding = decoded, None, None
             request.update(meta["extras"])
