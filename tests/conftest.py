@@ -402,7 +402,7 @@ def backend():
 class Worker:
     """A celeriac (or stock celery) worker process started by a test."""
 
-    def __init__(self, args, tmp_path, cwd=APPS, env=None, command=None, name="worker"):
+    def __init__(self, args, tmp_path, cwd=APPS, env=None, command=None, name="worker", stdin=None):
         self.logfile = tmp_path / f"{name}-{time.monotonic_ns()}.log"
         full_env = dict(os.environ)
         full_env.setdefault("VIRTUAL_ENV", sys.prefix)
@@ -411,7 +411,7 @@ class Worker:
         self.command = (command or [str(BIN)]) + list(args)
         self._log = open(self.logfile, "wb")
         self.proc = subprocess.Popen(
-            self.command, cwd=str(cwd), env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            self.command, cwd=str(cwd), env=full_env, stdin=stdin, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

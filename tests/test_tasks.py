@@ -83,6 +83,21 @@ def test_sys_executable_is_the_virtualenvs(worker):
     assert info["ld_library_path"] == "/opt/users/own/lib"
 
 
+def test_tasks_read_devnull_and_print_to_the_log(worker, tmp_path):
+    """As in a billiard pool child: sys.stdin is /dev/null, not the terminal the worker was started
+    from, and what a task prints goes to the log as a warning of its pool process (the zygote
+    sets both up once before the fork; children do not redo it)."""
+    typed = tmp_path / "typed"
+    typed.write_text("typed at the terminal\n")
+    with open(typed) as stdin:
+        w = worker(WORKER, stdin=stdin).wait_ready()
+    marker = f"printed-{uuid.uuid4().hex}"
+    assert testapp.stdin_and_output.delay(marker).get(timeout=10) == ["/dev/null", ""]
+    w.wait_for(marker)
+    line = next(line for line in w.log().splitlines() if marker in line)
+    assert "WARNING/ForkPoolWorker-" in line, line
+
+
 def test_countdown_waits_and_runs(worker, broker):
     worker(WORKER).wait_ready()
     start = time.time()

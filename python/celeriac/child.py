@@ -18,6 +18,7 @@ from multiprocessing import util as _mp_util
 import celery
 from billiard.einfo import ExceptionWithTraceback
 from celery import exceptions as cexc
+from celery import signals
 from celery.app import trace
 from celery.concurrency.prefork import process_destructor, process_initializer
 from celery.utils.serialization import get_pickleable_exception
@@ -291,8 +292,6 @@ class Child:
 
     def _record_revoked(self, job):
         # celery/worker/request.py: Request._announce_revoked ('expired', 'revoked', 'terminated')
-        from celery import signals
-
         why = job.get("why", "revoked")
         task = self.app.tasks.get(job["name"])
         context = self._context(job)
@@ -321,8 +320,6 @@ class Child:
     def _record_time_limit(self, job):
         # celery/worker/request.py: Request.on_timeout(soft=False)
         from billiard.exceptions import TimeLimitExceeded
-        from celery import signals
-
         task = self.app.tasks.get(job["name"])
         limit = job.get("limit")
         exc = TimeLimitExceeded(int(limit) if limit is not None and float(limit).is_integer() else limit)
@@ -338,8 +335,6 @@ class Child:
 
     def _record_cancelled(self, job):
         # celery/worker/request.py: Request._announce_cancelled
-        from celery import signals
-
         task = self.app.tasks.get(job["name"])
         context = self._context(job)
         exc = cexc.Retry(message="cancelled by Celery")
@@ -352,8 +347,6 @@ class Child:
     def _record_worker_lost(self, job):
         # celery/worker/request.py: Request.on_failure for WorkerLostError
         from billiard.exceptions import WorkerLostError
-        from celery import signals
-
         task = self.app.tasks.get(job["name"])
         exc = WorkerLostError(job.get("detail") or "Worker exited prematurely.")
         context = self._context(job)
@@ -366,15 +359,11 @@ def run(fd, index, app, hostname, options):
     """Body of a forked child; returns the process exit code."""
     import signal
 
-    from celery import signals
-
-    signals.task_internal_error.connect(_note_internal_error, weak=False)
-
     multiprocessing.current_process().name = f"ForkPoolWorker-{index}"
     sock = socket.socket(fileno=fd)
     _keep_socket_to_ourselves(fd)
     _bootstrap_as_billiard()
-    _initialize_with_lazy_tracers(app, hostname)
+    _initialize_child(app, hostname)
     signal.signal(signal.SIGUSR1, _soft_time_limit)
     max_tasks = options.get("max_tasks_per_child") or app.conf.worker_max_tasks_per_child
     max_memory = options.get("max_memory_per_child") or app.conf.worker_max_memory_per_child
@@ -416,14 +405,26 @@ class _LazyTracer:
         return tracer(*args, **kwargs)
 
 
-def _initialize_with_lazy_tracers(app, hostname):
-    """celery's own ``process_initializer``, with each task's tracer built on first use."""
+def _initialize_child(app, hostname):
+    """celery's own ``process_initializer``, with each task's tracer built on first use and
+    logging not set up a second time.
+
+    The zygote set logging up before the fork with the arguments the initializer reads back
+    from the environment (``CELERY_LOG_*``). Called again in a child whose logging is set up
+    (``already_setup``: the initializer clears it when the log file is per process, ``%i``),
+    ``app.log.setup`` would only redo what the child inherited: stdout/stderr proxies like
+    the ones it has, the same environment variables, warning filters already in place; and
+    doing so writes into ~0.3 MiB of pages each child shares with the zygote."""
     build = trace.build_tracer
     trace.build_tracer = lambda *args, **kwargs: _LazyTracer(build, args, kwargs)
+    log = app.log
+    setup = log.setup
+    log.setup = lambda *args, **kwargs: None if log.already_setup else setup(*args, **kwargs)
     try:
         process_initializer(app, hostname)
     finally:
         trace.build_tracer = build
+        del log.setup
 
 
 def _keep_socket_to_ourselves(fd):
@@ -431,28 +432,46 @@ def _keep_socket_to_ourselves(fd):
     learns that a child is gone when that end closes, so a grandchild that kept it open (a
     task that forks a worker process and returns) would hide the child's death, and the
     supervisor would neither replace the child nor settle what it was running. Programs a
-    task executes never get it (close-on-exec); a bare fork gets /dev/null in its place."""
+    task executes never get it (close-on-exec); a bare fork gets /dev/null in its place
+    (`_hide_socket_after_fork`, registered once in the zygote)."""
+    global _socket_fd
     os.set_inheritable(fd, False)
-
-    def in_forked_process():
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, fd, inheritable=False)
-        os.close(devnull)
-
-    os.register_at_fork(after_in_child=in_forked_process)
+    _socket_fd = fd
 
 
-def _bootstrap_as_billiard():
-    """What billiard's ``Process._bootstrap`` does in a new pool child before it runs: stdin
-    is /dev/null, finalizers registered in the parent are dropped, and the after-fork hooks
-    run (``app._after_fork``: the broker connection and producer pools made before the fork
-    are forgotten, and ``app.on_after_fork`` receivers, such as the Redis result consumer's,
-    reset their connections)."""
+_socket_fd = None
+
+
+def _hide_socket_after_fork():
+    if _socket_fd is None:  # the zygote forking a pool child
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, _socket_fd, inheritable=False)
+    os.close(devnull)
+
+
+# Registered here, when the zygote imports this module before forking, rather than in each
+# child: what a child does before its first task writes into pages it shares with the zygote.
+os.register_at_fork(after_in_child=_hide_socket_after_fork)
+signals.task_internal_error.connect(_note_internal_error, weak=False)
+
+
+def stdin_to_devnull():
+    """billiard's ``Process._bootstrap`` gives each pool child /dev/null as stdin; the zygote
+    does it once before forking them (it never reads stdin), so children inherit it."""
     if sys.stdin is not None:
         try:
             sys.stdin.close()
             sys.stdin = open(os.devnull)
         except (OSError, ValueError):
             pass
+
+
+def _bootstrap_as_billiard():
+    """The rest of what billiard's ``Process._bootstrap`` does in a new pool child before it
+    runs: finalizers registered in the parent are dropped, and the after-fork hooks run
+    (``app._after_fork``: the broker connection and producer pools made before the fork are
+    forgotten, and ``app.on_after_fork`` receivers, such as the Redis result consumer's,
+    reset their connections)."""
     _mp_util._finalizer_registry.clear()
     _mp_util._run_after_forkers()

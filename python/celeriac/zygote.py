@@ -266,7 +266,9 @@ def start_worker(app, hostname, options, level):
         pass
     # The pool child's own module and what it imports (the prefork initializer, billiard's
     # pieces): imported once here, before the fork, instead of in every child.
-    from celeriac import child  # noqa: F401
+    from celeriac import child
+
+    child.stdin_to_devnull()
     # As `celery worker`: refuse to run as root with pickle accepted, unless C_FORCE_ROOT.
     check_privileges(app.conf.accept_content)
     shim = WorkerShim(app, hostname, options)
@@ -276,7 +278,24 @@ def start_worker(app, hostname, options, level):
     trace.setup_worker_optimizations(app, hostname)
     signals.worker_init.send(sender=shim)
     signals.celeryd_after_setup.send(sender=hostname, instance=shim, conf=app.conf)
+    _share_redis_result_client(app)
     return shim
+
+
+def _share_redis_result_client(app):
+    """Make the Redis result backend's client object here, before the fork, instead of in
+    every pool child at its first stored result: building it (redis-py's client, connection
+    pool and their settings) writes into ~0.3 MiB of pages each child shares with the zygote.
+    Nothing connects until a command is sent, and redis-py's pool starts afresh in a process
+    other than the one that made it (it checks the pid), so children still open their own
+    connections. Other backends are left as they are: not all of them are safe to share."""
+    try:
+        backend = app.backend  # made here anyway, for the banner
+        redis_backends = sys.modules.get("celery.backends.redis")  # imported if it is one
+        if redis_backends is not None and isinstance(backend, redis_backends.RedisBackend):
+            backend.client  # noqa: B018 (a cached property: made once, kept)
+    except Exception:  # as stock: whatever is wrong shows at the first stored result
+        logger.debug("Redis result client not made before the fork", exc_info=True)
 
 
 def _lean_pdeathsig():

@@ -253,6 +253,15 @@ def reject(requeue):
 
 
 @app.task
+def stdin_and_output(marker):
+    """What a task sees of stdin, after printing `marker` (stdout goes to the worker's log)."""
+    import sys
+
+    print(marker)
+    return [sys.stdin.name, sys.stdin.read()]
+
+
+@app.task
 def sys_info():
     import subprocess
     import sys
