@@ -22,7 +22,9 @@ fn main() {
     let started_in = std::env::current_dir().ok();
     let code = match command {
         cli::Command::Worker(args) => {
-            daemonize(&args.daemon, args.logfile.as_deref(), args.pidfile.as_deref());
+            let logfile = main_process_path(args.logfile.as_deref(), args.hostname.as_deref());
+            let pidfile = main_process_path(args.pidfile.as_deref(), args.hostname.as_deref());
+            daemonize(&args.daemon, logfile.as_deref(), pidfile.as_deref());
             let code = worker::run(&cli, args);
             if ops::signals::restart_requested() {
                 restart(started_in.as_deref());
@@ -41,6 +43,19 @@ fn main() {
         cli::Command::Doctor(args) => worker::doctor(&cli, args),
     };
     std::process::exit(code);
+}
+
+/// A worker's `-f`/`--pidfile` with Celery's `%n`, `%h`, `%i`... expanded for its main
+/// process; exits 1 on an abbreviation Celery does not know, as stock does.
+fn main_process_path(path: Option<&std::path::Path>, node: Option<&str>) -> Option<std::path::PathBuf> {
+    let path = path?;
+    match config::nodename::main_process_path(path, node) {
+        Ok(path) => Some(path),
+        Err(e) => {
+            eprintln!("celeriac: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// `--uid/--gid/--umask/--detach`, before any thread exists; exits 1 with the reason if they

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 use crate::beat;
 use crate::cli::{BeatArgs, Cli, WorkerArgs};
 use crate::config::effective::{self, Given};
-use crate::config::{beat_zygote_options, zygote_options, AppInfo, WorkerSettings};
+use crate::config::{beat_zygote_options, nodename, zygote_options, AppInfo, WorkerSettings};
 use crate::consumer::{acker, Channels, Consumer};
 use crate::control::events::Events;
 use crate::embed::interpreter::{self, Interpreter};
@@ -82,12 +82,18 @@ pub fn show_config(cli: &Cli, worker: &WorkerArgs, given: &dyn Fn(&str) -> Given
 struct LogOptions<'a> {
     loglevel: &'a str,
     format: logging::LogFormat,
-    logfile: Option<&'a std::path::Path>,
+    logfile: Option<std::path::PathBuf>,
 }
 
 impl<'a> LogOptions<'a> {
+    /// A worker's: its log file name expanded for the main process (`%n`, `%i`, ...); the
+    /// zygote gets it as given, for pool children to expand their own `%i`.
     fn of(worker: &'a WorkerArgs) -> Self {
-        LogOptions { loglevel: &worker.loglevel, format: worker.log_format, logfile: worker.logfile.as_deref() }
+        let logfile = worker
+            .logfile
+            .as_deref()
+            .map(|path| nodename::main_process_path_or_given(path, worker.hostname.as_deref()));
+        LogOptions { loglevel: &worker.loglevel, format: worker.log_format, logfile }
     }
 }
 
@@ -98,7 +104,7 @@ fn prepare(
     log: &LogOptions<'_>,
     zygote_options: serde_json::Value,
 ) -> Result<(zygote::PendingZygote, tokio::runtime::Runtime), i32> {
-    if let Err(e) = logging::init(log.loglevel, log.format, log.logfile) {
+    if let Err(e) = logging::init(log.loglevel, log.format, log.logfile.as_deref()) {
         eprintln!("celeriac: cannot open the log file: {e}");
         return Err(1);
     }
@@ -156,7 +162,9 @@ async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
         Ok((zygote, app, settings)) => (zygote, app, Arc::new(settings)),
         Err(code) => return code,
     };
-    let _pidfile = match worker.pidfile.as_deref().map(Pidfile::create).transpose() {
+    let pidfile =
+        worker.pidfile.as_deref().map(|path| nodename::main_process_path_or_given(path, worker.hostname.as_deref()));
+    let _pidfile = match pidfile.as_deref().map(Pidfile::create).transpose() {
         Ok(p) => p,
         Err(e) => {
             error!("{e}");
@@ -370,7 +378,7 @@ struct BeatParts {
 
 /// Entry point of `celeriac beat`; returns the process exit code.
 pub fn run_beat(cli: &Cli, args: &BeatArgs) -> i32 {
-    let log = LogOptions { loglevel: &args.loglevel, format: args.log_format, logfile: args.logfile.as_deref() };
+    let log = LogOptions { loglevel: &args.loglevel, format: args.log_format, logfile: args.logfile.clone() };
     let (pending, runtime) = match prepare(cli, &log, beat_zygote_options(cli, args)) {
         Ok(p) => p,
         Err(code) => return code,

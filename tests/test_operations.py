@@ -42,6 +42,29 @@ def test_logfile(worker, tmp_path):
     assert "received" not in w.log()
 
 
+def test_file_names_expand_as_celery_multi_writes_them(worker, tmp_path):
+    """`%n` (node name), `%i` (pool process index: 0 in the main process), `%I`: each pool
+    process logs to a file of its own, the main process to its, the pidfile is named for the
+    node; nothing is written under the unexpanded name."""
+    node = f"node{uuid.uuid4().hex[:6]}"
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "2", "-n", f"{node}@%h",
+                "-f", str(tmp_path / "%n-%i.log"), "--pidfile", str(tmp_path / "%n%I.pid")])
+    main_log = tmp_path / f"{node}-0.log"
+    wait_until(lambda: main_log.exists() and " ready." in main_log.read_text(), timeout=30,
+               what=lambda: f"a ready worker in {main_log}; files: {sorted(p.name for p in tmp_path.iterdir())}")
+    assert (tmp_path / f"{node}.pid").read_text().strip() == str(w.pid)
+    marker = uuid.uuid4().hex
+    # Both busy at once: one task in each pool process.
+    names = sorted(r.get(timeout=10) for r in [testapp.print_after.delay(marker, 0.5) for _ in range(2)])
+    assert names == ["ForkPoolWorker-1", "ForkPoolWorker-2"]
+    for i in (1, 2):
+        text = (tmp_path / f"{node}-{i}.log").read_text()
+        assert f"{marker} from ForkPoolWorker-{i}" in text, text
+        assert f"{marker} from ForkPoolWorker-{3 - i}" not in text
+    assert marker not in main_log.read_text()
+    assert not [p.name for p in tmp_path.iterdir() if "%" in p.name]
+
+
 def test_warm_shutdown_deadline(worker, broker):
     w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "2", "--shutdown-timeout", "1"]).wait_ready()
     late_marker, early_marker = f"m:{uuid.uuid4()}", f"m:{uuid.uuid4()}"

@@ -16,6 +16,7 @@ import sys
 from multiprocessing import util as _mp_util
 
 import celery
+from billiard import process as billiard_process
 from billiard.einfo import ExceptionWithTraceback
 from celery import exceptions as cexc
 from celery import signals
@@ -355,11 +356,14 @@ class Child:
                                   args=context.args, kwargs=context.kwargs, traceback=None, einfo=None)
 
 
-def run(fd, index, app, hostname, options):
+def run(fd, index, app, hostname, options, process_index=None):
     """Body of a forked child; returns the process exit code."""
     import signal
 
     multiprocessing.current_process().name = f"ForkPoolWorker-{index}"
+    if process_index is not None:
+        # What a billiard pool process has, and Celery's `%i`/`%I` in a log file name read.
+        billiard_process.current_process().index = process_index
     sock = socket.socket(fileno=fd)
     _keep_socket_to_ourselves(fd)
     _bootstrap_as_billiard()

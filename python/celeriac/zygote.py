@@ -214,11 +214,13 @@ def bootstrap_info(app, hostname, options):
 class StateDB:
     """`--statedb`: celery's own `celery.worker.state.Persistent` shelve file (revoked ids, clock)."""
 
-    def __init__(self, app, options):
+    def __init__(self, app, options, hostname):
+        from celery.utils.nodenames import node_format
         from celery.worker import state as worker_state
 
         self.state = worker_state
-        self.filename = options.get("statedb") or app.conf.worker_state_db
+        # As `celery worker -S`: the option or the app's setting, `%n`/`%h`/... expanded.
+        self.filename = node_format(options.get("statedb") or app.conf.worker_state_db, hostname)
         self.persistent = worker_state.Persistent(worker_state, self.filename) if self.filename else None
 
     def revoked(self):
@@ -389,7 +391,7 @@ def main(control_fd, options_json):
             start_plain(app, options, level)
         else:
             start_worker(app, hostname, options, level)
-        statedb = StateDB(app, options)
+        statedb = StateDB(app, options, hostname)
         info = bootstrap_info(app, hostname, options)
         if options.get("role") == "doctor":
             info["backend_check"] = _check_backend(app)
@@ -490,7 +492,7 @@ def _fork_child(spec, fd, control, wake, app, hostname, options):
             else:
                 from celeriac import child
 
-                code = child.run(fd, index, app, hostname, options)
+                code = child.run(fd, index, app, hostname, options, spec.get("process_index"))
         except BaseException:
             logger.exception("Process %s failed", spec.get("role", "child"))
         logging.shutdown()

@@ -11,6 +11,7 @@ use crate::cli::{Cli, WorkerArgs};
 use crate::transport::QueueSpec;
 
 pub mod effective;
+pub mod nodename;
 
 /// What the zygote reports after importing the app (`python/celeriac/zygote.py: bootstrap_info`).
 #[derive(Debug, Clone, Deserialize)]

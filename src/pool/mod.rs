@@ -50,6 +50,9 @@ struct Slot {
     writer: Option<OwnedWriteHalf>,
     /// Jobs it reported done.
     jobs_done: u64,
+    /// billiard's process index: the lowest free from 0, a dead child's reused by the next
+    /// (Celery's `%i` in file names is this plus one).
+    process_index: usize,
 }
 
 pub struct Pool {
@@ -82,7 +85,8 @@ impl Pool {
         let (ours, theirs) = StdUnixStream::pair().map_err(PoolError::Socket)?;
         let index = self.next_index;
         self.next_index += 1;
-        self.zygote.fork(index, &theirs).await.map_err(|e| PoolError::Fork(e.to_string()))?;
+        let process_index = self.free_process_index();
+        self.zygote.fork(index, process_index, &theirs).await.map_err(|e| PoolError::Fork(e.to_string()))?;
         drop(theirs);
         ours.set_nonblocking(true).map_err(PoolError::Socket)?;
         let stream = UnixStream::from_std(ours).map_err(PoolError::Socket)?;
@@ -132,8 +136,16 @@ impl Pool {
             }
             let _ = events.send(PoolEvent::Gone { index });
         });
-        self.slots.insert(index, Slot { pid: None, state: SlotState::Starting, writer: Some(writer), jobs_done: 0 });
+        self.slots.insert(
+            index,
+            Slot { pid: None, state: SlotState::Starting, writer: Some(writer), jobs_done: 0, process_index },
+        );
         Ok(index)
+    }
+
+    /// The lowest process index no child has (billiard's `Pool._avail_index`).
+    fn free_process_index(&self) -> usize {
+        lowest_free(self.slots.values().map(|s| s.process_index).collect())
     }
 
     pub fn on_ready(&mut self, index: usize, pid: i32) {
@@ -253,5 +265,32 @@ impl Pool {
 
     pub fn zygote(&mut self) -> &mut Zygote {
         &mut self.zygote
+    }
+}
+
+/// The lowest number from 0 not in `taken`.
+fn lowest_free(mut taken: Vec<usize>) -> usize {
+    taken.sort_unstable();
+    let mut free = 0;
+    for index in taken {
+        if index == free {
+            free += 1;
+        } else if index > free {
+            break;
+        }
+    }
+    free
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_indexes_are_reused_lowest_first() {
+        assert_eq!(lowest_free(vec![]), 0);
+        assert_eq!(lowest_free(vec![0, 1]), 2);
+        assert_eq!(lowest_free(vec![1, 0, 3]), 2);
+        assert_eq!(lowest_free(vec![2, 1]), 0);
     }
 }

@@ -183,8 +183,8 @@ pub struct Zygote {
 
 impl Zygote {
     /// Ask for a child that will talk over `theirs`; the fd travels with SCM_RIGHTS.
-    pub async fn fork(&mut self, index: usize, theirs: &StdUnixStream) -> std::io::Result<()> {
-        self.fork_process(&serde_json::json!({"index": index}), theirs).await
+    pub async fn fork(&mut self, index: usize, process_index: usize, theirs: &StdUnixStream) -> std::io::Result<()> {
+        self.fork_process(&serde_json::json!({"index": index, "process_index": process_index}), theirs).await
     }
 
     /// Ask for a process described by `spec` (a pool child `{"index": n}`, or the beat process

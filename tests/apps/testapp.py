@@ -262,6 +262,17 @@ def stdin_and_output(marker):
 
 
 @app.task
+def print_after(marker, seconds):
+    """Prints `marker` and which pool process runs it, after `seconds`; returns that name."""
+    import multiprocessing
+
+    time.sleep(seconds)
+    name = multiprocessing.current_process().name
+    print(f"{marker} from {name}")
+    return name
+
+
+@app.task
 def sys_info():
     import subprocess
     import sys
