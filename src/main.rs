@@ -22,10 +22,13 @@ fn main() {
     let started_in = std::env::current_dir().ok();
     let code = match command {
         cli::Command::Worker(args) => {
-            let logfile = main_process_path(args.logfile.as_deref(), args.hostname.as_deref());
-            let pidfile = main_process_path(args.pidfile.as_deref(), args.hostname.as_deref());
-            daemonize(&args.daemon, logfile.as_deref(), pidfile.as_deref());
-            let code = worker::run(&cli, args);
+            // As stock, an abbreviation Celery does not know stops the start.
+            let files = worker::MainProcessFiles::of(args).unwrap_or_else(|e| {
+                eprintln!("celeriac: {e}");
+                std::process::exit(1);
+            });
+            daemonize(&args.daemon, files.logfile.as_deref(), files.pidfile.as_deref());
+            let code = worker::run(&cli, args, &files);
             if ops::signals::restart_requested() {
                 restart(started_in.as_deref());
             }
@@ -38,24 +41,13 @@ fn main() {
         cli::Command::Config(args) => {
             let sub = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
             let given = |id: &str| config::effective::given(sub, id);
-            worker::show_config(&cli, &args.worker, &given, args.json)
+            let files = worker::MainProcessFiles::of(&args.worker)
+                .unwrap_or_else(|_| worker::MainProcessFiles::as_given(&args.worker));
+            worker::show_config(&cli, &args.worker, &files, &given, args.json)
         }
         cli::Command::Doctor(args) => worker::doctor(&cli, args),
     };
     std::process::exit(code);
-}
-
-/// A worker's `-f`/`--pidfile` with Celery's `%n`, `%h`, `%i`... expanded for its main
-/// process; exits 1 on an abbreviation Celery does not know, as stock does.
-fn main_process_path(path: Option<&std::path::Path>, node: Option<&str>) -> Option<std::path::PathBuf> {
-    let path = path?;
-    match config::nodename::main_process_path(path, node) {
-        Ok(path) => Some(path),
-        Err(e) => {
-            eprintln!("celeriac: {e}");
-            std::process::exit(1);
-        }
-    }
 }
 
 /// `--uid/--gid/--umask/--detach`, before any thread exists; exits 1 with the reason if they

@@ -29,15 +29,36 @@ const DELIVERY_BUFFER: usize = 1024;
 /// `broker_connection_max_retries` default.
 const CONNECT_RETRIES: u32 = 100;
 
+/// `-f` and `--pidfile` of the worker's main process, Celery's `%n`, `%h`, `%i`... expanded once
+/// at start-up. The zygote gets `-f` as given, for pool children to expand their own `%i`.
+pub struct MainProcessFiles {
+    pub logfile: Option<std::path::PathBuf>,
+    pub pidfile: Option<std::path::PathBuf>,
+}
+
+impl MainProcessFiles {
+    pub fn of(worker: &WorkerArgs) -> Result<Self, nodename::UnknownFormat> {
+        let expand = |path: &Option<std::path::PathBuf>| {
+            path.as_deref().map(|path| nodename::main_process_path(path, worker.hostname.as_deref())).transpose()
+        };
+        Ok(MainProcessFiles { logfile: expand(&worker.logfile)?, pidfile: expand(&worker.pidfile)? })
+    }
+
+    /// The names exactly as given.
+    pub fn as_given(worker: &WorkerArgs) -> Self {
+        MainProcessFiles { logfile: worker.logfile.clone(), pidfile: worker.pidfile.clone() }
+    }
+}
+
 /// Entry point; returns the process exit code. Must run before any thread is started.
-pub fn run(cli: &Cli, worker: &WorkerArgs) -> i32 {
+pub fn run(cli: &Cli, worker: &WorkerArgs, files: &MainProcessFiles) -> i32 {
     for flag in worker.not_yet.given() {
         eprintln!(
             "celeriac: {flag} is accepted for compatibility with `celery worker` but not implemented yet; ignoring it"
         );
     }
-    match prepare(cli, &LogOptions::of(worker), zygote_options(cli, worker)) {
-        Ok((pending, runtime)) => run_to_exit(runtime, supervise(pending, worker.clone())),
+    match prepare(cli, &LogOptions::of(worker, files), zygote_options(cli, worker)) {
+        Ok((pending, runtime)) => run_to_exit(runtime, supervise(pending, worker.clone(), files.pidfile.clone())),
         Err(code) => code,
     }
 }
@@ -54,10 +75,16 @@ fn run_to_exit(runtime: tokio::runtime::Runtime, command: impl std::future::Futu
 
 /// `celeriac config`: load the app as `worker` would and print the effective settings, each
 /// with its source; start nothing.
-pub fn show_config(cli: &Cli, worker: &WorkerArgs, given: &dyn Fn(&str) -> Given, as_json: bool) -> i32 {
+pub fn show_config(
+    cli: &Cli,
+    worker: &WorkerArgs,
+    files: &MainProcessFiles,
+    given: &dyn Fn(&str) -> Given,
+    as_json: bool,
+) -> i32 {
     let mut options = zygote_options(cli, worker);
     options["role"] = "config".into();
-    let (pending, runtime) = match prepare(cli, &LogOptions::of(worker), options) {
+    let (pending, runtime) = match prepare(cli, &LogOptions::of(worker, files), options) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -86,14 +113,8 @@ struct LogOptions<'a> {
 }
 
 impl<'a> LogOptions<'a> {
-    /// A worker's: its log file name expanded for the main process (`%n`, `%i`, ...); the
-    /// zygote gets it as given, for pool children to expand their own `%i`.
-    fn of(worker: &'a WorkerArgs) -> Self {
-        let logfile = worker
-            .logfile
-            .as_deref()
-            .map(|path| nodename::main_process_path_or_given(path, worker.hostname.as_deref()));
-        LogOptions { loglevel: &worker.loglevel, format: worker.log_format, logfile }
+    fn of(worker: &'a WorkerArgs, files: &MainProcessFiles) -> Self {
+        LogOptions { loglevel: &worker.loglevel, format: worker.log_format, logfile: files.logfile.clone() }
     }
 }
 
@@ -156,14 +177,12 @@ async fn load_app(
     Ok((zygote, app, settings))
 }
 
-async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs) -> i32 {
+async fn supervise(pending: zygote::PendingZygote, worker: WorkerArgs, pidfile: Option<std::path::PathBuf>) -> i32 {
     let (pool_tx, pool_rx) = mpsc::unbounded_channel();
     let (zygote, app, settings) = match load_app(pending, pool_tx.clone(), &worker).await {
         Ok((zygote, app, settings)) => (zygote, app, Arc::new(settings)),
         Err(code) => return code,
     };
-    let pidfile =
-        worker.pidfile.as_deref().map(|path| nodename::main_process_path_or_given(path, worker.hostname.as_deref()));
     let _pidfile = match pidfile.as_deref().map(Pidfile::create).transpose() {
         Ok(p) => p,
         Err(e) => {

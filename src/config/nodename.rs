@@ -45,12 +45,6 @@ pub fn main_process_path(path: &Path, given: Option<&str>) -> Result<PathBuf, Un
     node_format(text, &node).map(PathBuf::from)
 }
 
-/// `main_process_path`, or the name as given if it cannot be expanded: the command line was
-/// checked at start-up (`main.rs` exits on an abbreviation Celery does not know).
-pub fn main_process_path_or_given(path: &Path, given: Option<&str>) -> PathBuf {
-    main_process_path(path, given).unwrap_or_else(|_| path.to_path_buf())
-}
-
 fn nodesplit(nodename: &str) -> (Option<&str>, &str) {
     match nodename.split_once('@') {
         Some((name, host)) => (Some(name), host),
