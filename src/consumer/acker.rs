@@ -17,6 +17,9 @@ const MAX_BATCH: usize = 512;
 
 pub async fn run<T: Transport>(transport: Arc<T>, mut ops: mpsc::UnboundedReceiver<SettleOp>, window: Arc<Semaphore>) {
     while let Some(first) = ops.recv().await {
+        // Let the reports and deliveries already waiting be handled first (one scheduler
+        // turn, no timer): the acks they lead to leave in the same write.
+        tokio::task::yield_now().await;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match ops.try_recv() {

@@ -335,8 +335,7 @@ impl Consumer {
         });
         if self.task_received_receivers {
             // `task_received` runs before the request is scheduled, as in the stock strategy.
-            let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
-            let frame = frame::encode_task(&meta, &request.delivery.body);
+            let frame = ChildMeta::task_frame(&request.delivery, &request.message, &self.settings.hostname);
             self.received_signals.push(frame[5..].to_vec());
             self.awaiting_received.push_back(request);
             return;
@@ -750,8 +749,7 @@ impl Consumer {
                         }
                         continue;
                     }
-                    let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
-                    let bytes = frame::encode_task(&meta, &request.delivery.body);
+                    let bytes = ChildMeta::task_frame(&request.delivery, &request.message, &self.settings.hostname);
                     request.delivery.body = Vec::new(); // the child has it now
                     bytes
                 }
@@ -801,8 +799,7 @@ impl Consumer {
                     self.discard_revoked(*request, why);
                     continue;
                 }
-                let meta = ChildMeta::encode(&request.delivery, &request.message, &self.settings.hostname);
-                let bytes = frame::encode_task(&meta, &request.delivery.body);
+                let bytes = ChildMeta::task_frame(&request.delivery, &request.message, &self.settings.hostname);
                 if bytes.len() > pipeline::MAX_QUEUED_BYTES {
                     // Fits behind no child: it waits for an idle one.
                     self.ready.push_front(Job::Task(request));

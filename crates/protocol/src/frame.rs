@@ -112,16 +112,25 @@ pub fn encode(kind: Kind, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What comes before a TASK frame's meta: frame length, kind, meta length.
+pub const TASK_HEADER_LEN: usize = 4 + 1 + 4;
+
 /// Encode a TASK frame: `u32 meta length | meta | body`, without copying the body twice.
 pub fn encode_task(meta: &[u8], body: &[u8]) -> Vec<u8> {
-    let len = 1 + 4 + meta.len() + body.len();
-    let mut out = Vec::with_capacity(4 + len);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.push(Kind::Task as u8);
-    out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    let mut out = Vec::with_capacity(TASK_HEADER_LEN + meta.len() + body.len());
+    out.extend_from_slice(&[0; TASK_HEADER_LEN]);
     out.extend_from_slice(meta);
     out.extend_from_slice(body);
+    write_task_header(&mut out, meta.len());
     out
+}
+
+/// Fill in the header of a TASK frame written after `TASK_HEADER_LEN` placeholder bytes.
+pub fn write_task_header(frame: &mut [u8], meta_len: usize) {
+    let len = (frame.len() - 4) as u32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frame[4] = Kind::Task as u8;
+    frame[5..TASK_HEADER_LEN].copy_from_slice(&(meta_len as u32).to_be_bytes());
 }
 
 /// What a child reports when a job is done (`python/celeriac/child.py`).

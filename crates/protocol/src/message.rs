@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use crate::frame;
 use crate::marshal;
 use crate::time::parse_iso8601;
 use crate::Delivery;
@@ -199,16 +200,44 @@ fn has_type_marker(v: &Value) -> bool {
     }
 }
 
+/// A meta kombu's JSON decoder must read (see `has_type_marker`).
+fn needs_json(delivery: &Delivery) -> bool {
+    (delivery.headers.is_object() && has_type_marker(&delivery.headers))
+        || delivery.properties.values().any(has_type_marker)
+}
+
 impl ChildMeta {
     /// What a TASK frame carries: marshal (`M` first, see `marshal`), or JSON when a header
     /// holds a kombu type marker.
     pub fn encode(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
-        let headers = if delivery.headers.is_object() { &delivery.headers } else { &EMPTY_OBJECT };
-        if has_type_marker(headers) || delivery.properties.values().any(has_type_marker) {
+        if needs_json(delivery) {
             return Self::encode_json(delivery, msg, hostname);
         }
-        let property = |key: &str| delivery.properties.get(key).unwrap_or(&NULL);
         let mut w = marshal::Writer::with_prefix(MARSHAL_PREFIX, 1024);
+        Self::write_marshal(&mut w, delivery, msg, hostname);
+        w.finish()
+    }
+
+    /// The whole TASK frame for the delivery (`frame::encode_task` of `encode` and the body),
+    /// written into one buffer: the meta is neither allocated nor copied on its own.
+    pub fn task_frame(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
+        if needs_json(delivery) {
+            return frame::encode_task(&Self::encode_json(delivery, msg, hostname), &delivery.body);
+        }
+        let mut prefix = [0u8; frame::TASK_HEADER_LEN + MARSHAL_PREFIX.len()];
+        prefix[frame::TASK_HEADER_LEN..].copy_from_slice(MARSHAL_PREFIX);
+        let mut w = marshal::Writer::with_prefix(&prefix, 1024 + delivery.body.len());
+        Self::write_marshal(&mut w, delivery, msg, hostname);
+        let mut out = w.finish();
+        let meta_len = out.len() - frame::TASK_HEADER_LEN;
+        out.extend_from_slice(&delivery.body);
+        frame::write_task_header(&mut out, meta_len);
+        out
+    }
+
+    fn write_marshal(w: &mut marshal::Writer, delivery: &Delivery, msg: &TaskMessage, hostname: &str) {
+        let headers = if delivery.headers.is_object() { &delivery.headers } else { &EMPTY_OBJECT };
+        let property = |key: &str| delivery.properties.get(key).unwrap_or(&NULL);
         w.begin_dict();
         w.entry_str("name", &msg.name);
         w.entry_str("id", &msg.id);
@@ -234,7 +263,6 @@ impl ChildMeta {
         w.map(&delivery.properties);
         w.end_dict();
         w.end_dict();
-        w.finish()
     }
 
     /// The same meta as JSON.
@@ -355,5 +383,17 @@ mod tests {
         let d = delivery(marker, b"[]", "application/json");
         let m = TaskMessage::parse(&d).unwrap();
         assert!(ChildMeta::encode(&d, &m, "w@h").starts_with(b"{"));
+    }
+
+    #[test]
+    fn task_frame_is_the_meta_and_body_framed() {
+        let marker = json!({"task": "a.add", "id": "1", "x": {"__type__": "uuid", "__value__": "u"}});
+        let m = TaskMessage::parse(&delivery(json!({"task": "a.add", "id": "1"}), b"[]", "")).unwrap();
+        // Marshal, JSON (a type marker), and v1 headers that are not a mapping.
+        for headers in [json!({"task": "a.add", "id": "1", "n": [1, 2.5, null]}), marker, json!([1])] {
+            let d = delivery(headers, b"[[1], {}, {}]", "application/json");
+            let framed = frame::encode_task(&ChildMeta::encode(&d, &m, "w@h"), &d.body);
+            assert_eq!(ChildMeta::task_frame(&d, &m, "w@h"), framed);
+        }
     }
 }

@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::frame::{gen_frame, AMQPFrame, WriteContext};
-use amq_protocol::protocol::{basic, channel, connection, exchange, queue, AMQPClass, BasicProperties};
+use amq_protocol::protocol::{basic, channel, connection, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use amq_protocol::uri::{AMQPScheme, AMQPUri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
+
+use super::content::{self, Content, Deliver};
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
@@ -54,13 +56,10 @@ impl From<std::io::Error> for Error {
     }
 }
 
-/// A message as the broker delivered it.
+/// A message as the broker delivered it: `basic.deliver`, its content header, its body.
 pub struct RawDelivery {
-    pub delivery_tag: u64,
-    pub redelivered: bool,
-    pub exchange: String,
-    pub routing_key: String,
-    pub properties: BasicProperties,
+    pub deliver: Deliver,
+    pub content: Content,
     pub body: Vec<u8>,
 }
 
@@ -210,8 +209,9 @@ fn client_properties(name: &str) -> FieldTable {
 
 /// A delivery being put together from its method, header and body frames.
 struct Assembling {
-    delivery: RawDelivery,
-    size: usize,
+    deliver: Deliver,
+    content: Option<Content>,
+    body: Vec<u8>,
 }
 
 impl TaskConnection {
@@ -469,24 +469,16 @@ async fn read_frames<R: AsyncRead + Unpin>(
         match kind {
             FRAME_HEARTBEAT => {}
             FRAME_METHOD => {
+                // Deliveries, nearly every frame, are read by `content`; the rest in general.
+                if let Some(deliver) = content::parse_deliver(buf) {
+                    assembling = Some(Assembling { deliver, content: None, body: Vec::new() });
+                    continue;
+                }
                 let class = match parse_method(buf) {
                     Ok(c) => c,
                     Err(e) => return e,
                 };
                 match class {
-                    AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
-                        assembling = Some(Assembling {
-                            delivery: RawDelivery {
-                                delivery_tag: d.delivery_tag,
-                                redelivered: d.redelivered,
-                                exchange: d.exchange.as_str().to_owned(),
-                                routing_key: d.routing_key.as_str().to_owned(),
-                                properties: BasicProperties::default(),
-                                body: Vec::new(),
-                            },
-                            size: 0,
-                        });
-                    }
                     AMQPClass::Basic(basic::AMQPMethod::Cancel(c)) => {
                         if events.send(Event::Cancelled(c.consumer_tag.as_str().to_owned())).await.is_err() {
                             return Error::Closed;
@@ -513,27 +505,28 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 let Some(a) = assembling.as_mut() else {
                     return Error::Protocol("a content header without a delivery".into());
                 };
-                let header = match amq_protocol::frame::parsing::parse_content_header(&buf[..]) {
-                    Ok((_, h)) => h,
+                let header = match content::parse_content_header(buf) {
+                    Ok(h) => h,
                     Err(e) => return Error::Protocol(format!("cannot parse a content header: {e}")),
                 };
-                a.size = usize::try_from(header.body_size).unwrap_or(usize::MAX);
-                a.delivery.properties = header.properties;
-                a.delivery.body = Vec::with_capacity(a.size.min(MAX_FRAME));
+                a.body = Vec::with_capacity(usize::try_from(header.body_size).unwrap_or(usize::MAX).min(MAX_FRAME));
+                a.content = Some(header);
             }
             FRAME_BODY => {
                 let Some(a) = assembling.as_mut() else {
                     return Error::Protocol("a content body without a delivery".into());
                 };
-                a.delivery.body.extend_from_slice(buf);
+                if a.content.is_none() {
+                    return Error::Protocol("a content body before its header".into());
+                }
+                a.body.extend_from_slice(buf);
             }
             other => return Error::Protocol(format!("unknown frame type {other}")),
         }
-        if matches!(kind, FRAME_HEADER | FRAME_BODY)
-            && assembling.as_ref().is_some_and(|a| a.delivery.body.len() >= a.size)
-        {
-            if let Some(a) = assembling.take() {
-                if events.send(Event::Delivery(Box::new(a.delivery))).await.is_err() {
+        let complete = |a: &Assembling| a.content.as_ref().is_some_and(|c| a.body.len() as u64 >= c.body_size);
+        if matches!(kind, FRAME_HEADER | FRAME_BODY) && assembling.as_ref().is_some_and(complete) {
+            if let Some(Assembling { deliver, content: Some(content), body }) = assembling.take() {
+                if events.send(Event::Delivery(Box::new(RawDelivery { deliver, content, body }))).await.is_err() {
                     return Error::Closed;
                 }
             }

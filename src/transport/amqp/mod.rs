@@ -8,6 +8,7 @@
 //! no-op (the broker has already requeued that message).
 
 mod connection;
+mod content;
 mod fields;
 pub mod url;
 
@@ -112,41 +113,26 @@ fn split_tag(tag: &str) -> Option<(u64, u64)> {
     Some((epoch.parse().ok()?, tag.parse().ok()?))
 }
 
-/// The properties kombu's py-amqp Message exposes, as a JSON map with `delivery_info`.
+/// The delivery as kombu's py-amqp Message shows it: the properties gain `delivery_info`.
 fn to_delivery(epoch: u64, d: RawDelivery) -> Delivery {
-    let p = &d.properties;
-    let mut props = Map::new();
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            props.insert(k.to_owned(), v);
-        }
-    };
-    put("correlation_id", p.correlation_id().as_ref().map(|s| Value::from(s.as_str())));
-    put("reply_to", p.reply_to().as_ref().map(|s| Value::from(s.as_str())));
-    put("delivery_mode", p.delivery_mode().map(Value::from));
-    put("priority", p.priority().map(Value::from));
-    put("expiration", p.expiration().as_ref().map(|s| Value::from(s.as_str())));
-    put("message_id", p.message_id().as_ref().map(|s| Value::from(s.as_str())));
-    put("timestamp", p.timestamp().map(Value::from));
-    put("type", p.kind().as_ref().map(|s| Value::from(s.as_str())));
-    put("user_id", p.user_id().as_ref().map(|s| Value::from(s.as_str())));
-    put("app_id", p.app_id().as_ref().map(|s| Value::from(s.as_str())));
-    let exchange = d.exchange;
-    let routing_key = d.routing_key;
-    props.insert(
+    let RawDelivery { deliver, content, body } = d;
+    let mut properties = content.properties;
+    properties.insert(
         "delivery_info".into(),
-        serde_json::json!({"exchange": exchange, "routing_key": routing_key, "redelivered": d.redelivered}),
+        serde_json::json!({
+            "exchange": deliver.exchange, "routing_key": deliver.routing_key, "redelivered": deliver.redelivered,
+        }),
     );
     Delivery {
-        tag: format!("{epoch}.{}", d.delivery_tag),
-        exchange,
-        routing_key,
-        redelivered: d.redelivered,
-        content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default(),
-        content_encoding: p.content_encoding().as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default(),
-        headers: p.headers().as_ref().map(|h| Value::Object(fields::table_to_json(h))).unwrap_or(Value::Null),
-        properties: props,
-        body: d.body,
+        tag: format!("{epoch}.{}", deliver.delivery_tag),
+        exchange: deliver.exchange,
+        routing_key: deliver.routing_key,
+        redelivered: deliver.redelivered,
+        content_type: content.content_type,
+        content_encoding: content.content_encoding,
+        headers: content.headers,
+        properties,
+        body,
     }
 }
 
