@@ -137,31 +137,30 @@ class Child:
         self.send(frames.READY, {"pid": os.getpid()})
         # Buffered: a frame's header and payload (and any frame queued behind it) in one read.
         reader = self.sock.makefile("rb", buffering=1 << 16)
+        read_frame, run_task = frames.read_frame_buffered, self.run_task
+        limited = bool(self.max_tasks or self.max_memory_kib)
         while True:
-            frame = frames.read_frame_buffered(reader)
+            frame = read_frame(reader)
             if frame is None:
                 return 0
             kind, payload = frame
             if kind == frames.TASK:
-                report = self.run_task(payload)
+                report = run_task(payload)
                 self.completed += 1
+                retire = limited and self.should_retire()
             elif kind == frames.MARK_FAILURE:
                 report = self.mark_failure(json.loads(payload))
+                retire = False
             else:
                 logger.error("celeriac child: unknown frame kind %r ignored", kind)
                 continue
-            retire = kind == frames.TASK and self.should_retire()
             report["exiting"] = retire
             self.send_report(report)
             if retire:
                 return 0
 
     def run_task(self, payload):
-        meta_raw, body = frames.split_task_payload(payload)
-        meta = frames.loads_meta(meta_raw)
-        name, task_id = meta["name"], meta["id"]
-        request = meta["headers"]
-        content_type, content_encoding = meta["content_type"], meta["content_encoding"]
+        name, task_id, proto, content_type, content_encoding, request, extras, body = frames.loads_task(payload)
         try:
             compression = request.get("compression") if isinstance(request, dict) else None
             if compression:
@@ -169,7 +168,7 @@ class Child:
                 from kombu.compression import decompress
 
                 body = decompress(body, compression)
-            if meta.get("proto") == 1:
+            if proto == 1:
                 decoded = loads_message(body, content_type, content_encoding, accept=self.accept)
                 from celery.worker.strategy import hybrid_to_proto2
 
@@ -179,7 +178,7 @@ class Child:
                 decoded = _decode_json_body(body)
                 if decoded is not None:
                     body, content_type, content_encoding = decoded, None, None
-            request.update(meta["extras"])
+            request.update(extras)
             failed, retval, runtime = trace.fast_trace_task(
                 name, task_id, request, body, content_type, content_encoding,
             )
@@ -197,7 +196,7 @@ class Child:
             logger.error("Task handler raised error: %r", exc, exc_info=True)
             self._store_failure(task_id, name, request, exc)
             return {"outcome": "failure", "runtime": 0.0}
-        refused = _internal_errors.pop(task_id, None)
+        refused = _internal_errors.pop(task_id, None) if _internal_errors else None
         if not failed:
             if refused is not None:
                 # The tracer gave up before the task ran (kwargs not a mapping, ...) and, as

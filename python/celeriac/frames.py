@@ -21,7 +21,7 @@ FORKED = 3  # payload: json {"index": n, "pid": p}
 EXITED = 4  # payload: json {"pid": p, "exitcode": c, "signal": s}
 FATAL = 5  # payload: utf-8 text, one line: why the app could not be loaded
 # supervisor -> child
-TASK = 10  # payload: u32 meta length | meta (see loads_meta) | raw message body
+TASK = 10  # payload: see loads_task
 MARK_FAILURE = 11  # payload: json, an outcome no task run produced (unregistered task, ...)
 # child -> supervisor
 READY = 20  # payload: json {"pid": p}
@@ -84,17 +84,18 @@ def read_frame(sock):
     return kind, payload
 
 
-def loads_meta(raw):
-    """A TASK frame's request meta: marshal (``M`` first), or JSON where a header holds a kombu
-    type marker (``{"__type__": "datetime", ...}``), for kombu's decoder to turn into objects."""
-    if raw[:1] == b"M":
-        return marshal.loads(memoryview(raw)[1:])
+def loads_task(payload):
+    """A TASK frame's payload -> ``(name, id, proto, content_type, content_encoding, headers,
+    extras, body)``: what Celery's ``Request`` builds its request dict from, and the raw body.
+
+    Written by the supervisor (``ChildMeta::task_frame``) as ``M`` and one marshal tuple, or,
+    where a header holds a kombu type marker (``{"__type__": "datetime", ...}``), as
+    ``u32 length | JSON meta | body``, for kombu's decoder to turn the markers into objects."""
+    if payload[:1] == b"M":
+        return marshal.loads(memoryview(payload)[1:])
     from kombu.utils.json import loads
 
-    return loads(raw)
-
-
-def split_task_payload(payload):
-    """TASK payload -> (meta bytes, body bytes)."""
     (meta_len,) = _U32.unpack_from(payload, 0)
-    return payload[4:4 + meta_len], payload[4 + meta_len:]
+    meta = loads(payload[4:4 + meta_len])
+    return (meta["name"], meta["id"], meta["proto"], meta["content_type"], meta["content_encoding"],
+            meta["headers"], meta["extras"], payload[4 + meta_len:])

@@ -528,13 +528,11 @@ def _send_task_received(payload, app, hostname, shim):
     from kombu.message import Message
 
     try:
-        meta_raw, body = frames.split_task_payload(payload)
-        meta = frames.loads_meta(meta_raw)
-        extras = meta["extras"]
-        message = Message(body=body, content_type=meta["content_type"], content_encoding=meta["content_encoding"],
+        name, _id, _proto, content_type, content_encoding, headers, extras, body = frames.loads_task(payload)
+        message = Message(body=body, content_type=content_type, content_encoding=content_encoding,
                           delivery_info=extras.get("delivery_info"), properties=extras.get("properties"),
-                          headers=meta["headers"], delivery_tag=(extras.get("properties") or {}).get("delivery_tag"))
-        request = Request(message, app=app, hostname=hostname, task=app.tasks[meta["name"]])
+                          headers=headers, delivery_tag=(extras.get("properties") or {}).get("delivery_tag"))
+        request = Request(message, app=app, hostname=hostname, task=app.tasks[name])
         signals.task_received.send(sender=shim, request=request)
     except Exception:
         logger.exception("A task_received signal handler raised")

@@ -825,7 +825,13 @@ impl Consumer {
         if let Job::Task(request) = &mut job {
             request.delivery.body = Vec::new(); // the child has it now
             request.start_clocks(self.settings.time_limit, self.settings.soft_time_limit);
-            *self.totals.entry(request.message.name.clone()).or_default() += 1;
+            // The name is copied only the first time (this runs for every task).
+            match self.totals.get_mut(&request.message.name) {
+                Some(total) => *total += 1,
+                None => {
+                    self.totals.insert(request.message.name.clone(), 1);
+                }
+            }
             self.events.task(&mut self.clock, "task-started", || json!({"uuid": request.message.id}));
             self.metrics.task(&request.message.name, "started");
             self.metrics.queue_wait(&request.message.name, request.ready_since.elapsed().as_secs_f64());

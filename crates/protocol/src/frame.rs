@@ -112,25 +112,22 @@ pub fn encode(kind: Kind, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// What comes before a TASK frame's meta: frame length, kind, meta length.
-pub const TASK_HEADER_LEN: usize = 4 + 1 + 4;
-
-/// Encode a TASK frame: `u32 meta length | meta | body`, without copying the body twice.
+/// Encode a TASK frame whose meta is JSON: `u32 meta length | meta | body`.
 pub fn encode_task(meta: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(TASK_HEADER_LEN + meta.len() + body.len());
-    out.extend_from_slice(&[0; TASK_HEADER_LEN]);
+    let mut out = Vec::with_capacity(9 + meta.len() + body.len());
+    out.extend_from_slice(&[0; 5]);
+    out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
     out.extend_from_slice(meta);
     out.extend_from_slice(body);
-    write_task_header(&mut out, meta.len());
+    write_header(&mut out, Kind::Task);
     out
 }
 
-/// Fill in the header of a TASK frame written after `TASK_HEADER_LEN` placeholder bytes.
-pub fn write_task_header(frame: &mut [u8], meta_len: usize) {
+/// Fill in the length and kind of a frame written after 5 placeholder bytes.
+pub fn write_header(frame: &mut [u8], kind: Kind) {
     let len = (frame.len() - 4) as u32;
     frame[..4].copy_from_slice(&len.to_be_bytes());
-    frame[4] = Kind::Task as u8;
-    frame[5..TASK_HEADER_LEN].copy_from_slice(&(meta_len as u32).to_be_bytes());
+    frame[4] = kind as u8;
 }
 
 /// What a child reports when a job is done (`python/celeriac/child.py`).

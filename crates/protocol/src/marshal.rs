@@ -2,7 +2,8 @@
 //! holds. A pool child decodes a task's request meta with `marshal.loads` in about half the time
 //! `json.loads` takes, and the supervisor writes it as cheaply as JSON.
 //!
-//! Only the type codes CPython has read the same way since 3.4 are written: `N T F i l g u [ {`.
+//! Only the type codes CPython has read the same way since 3.4 are written:
+//! `N T F i l g u z s ( [ {`.
 
 use serde_json::{Map, Number, Value};
 
@@ -17,6 +18,11 @@ impl Writer {
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(prefix);
         Writer { buf }
+    }
+
+    /// Bytes written as they are (a prefix the reader checks first).
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
     }
 
     pub fn finish(self) -> Vec<u8> {
@@ -36,9 +42,32 @@ impl Writer {
     }
 
     pub fn str(&mut self, s: &str) {
+        // Short ASCII text (nearly every header) as TYPE_SHORT_ASCII: CPython makes the str
+        // without decoding UTF-8.
+        if let Ok(len) = u8::try_from(s.len()) {
+            if s.is_ascii() {
+                self.buf.push(b'z');
+                self.buf.push(len);
+                self.buf.extend_from_slice(s.as_bytes());
+                return;
+            }
+        }
         self.buf.push(b'u');
         self.len_u32(s.len());
         self.buf.extend_from_slice(s.as_bytes());
+    }
+
+    /// Python `bytes`.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.buf.push(b's');
+        self.len_u32(b.len());
+        self.buf.extend_from_slice(b);
+    }
+
+    /// A tuple of `len` items; the items follow.
+    pub fn begin_tuple(&mut self, len: usize) {
+        self.buf.push(b'(');
+        self.len_u32(len);
     }
 
     pub fn int(&mut self, n: i128) {
@@ -146,6 +175,9 @@ mod tests {
         assert_eq!(encode(&json!(-2)), b"i\xfe\xff\xff\xff");
         assert_eq!(encode(&json!(1.5)), b"g\x00\x00\x00\x00\x00\x00\xf8?");
         assert_eq!(encode(&json!("é")), b"u\x02\x00\x00\x00\xc3\xa9");
+        assert_eq!(encode(&json!("ab")), b"z\x02ab");
+        let long = "x".repeat(256);
+        assert_eq!(encode(&json!(long))[..5], *b"u\x00\x01\x00\x00");
     }
 
     #[test]
@@ -161,6 +193,12 @@ mod tests {
     #[test]
     fn containers() {
         assert_eq!(encode(&json!([1, null])), b"[\x02\x00\x00\x00i\x01\x00\x00\x00N");
-        assert_eq!(encode(&json!({"a": []})), b"{u\x01\x00\x00\x00a[\x00\x00\x00\x000");
+        assert_eq!(encode(&json!({"a": []})), b"{z\x01a[\x00\x00\x00\x000");
+        let mut w = Writer::with_prefix(b"", 16);
+        w.begin_tuple(2);
+        w.bytes(b"\x00b");
+        w.none();
+        // marshal.loads(...) == (b'\x00b', None)
+        assert_eq!(w.finish(), b"(\x02\x00\x00\x00s\x02\x00\x00\x00\x00bN");
     }
 }

@@ -207,46 +207,32 @@ fn needs_json(delivery: &Delivery) -> bool {
 }
 
 impl ChildMeta {
-    /// What a TASK frame carries: marshal (`M` first, see `marshal`), or JSON when a header
-    /// holds a kombu type marker.
-    pub fn encode(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
-        if needs_json(delivery) {
-            return Self::encode_json(delivery, msg, hostname);
-        }
-        let mut w = marshal::Writer::with_prefix(MARSHAL_PREFIX, 1024);
-        Self::write_marshal(&mut w, delivery, msg, hostname);
-        w.finish()
-    }
-
-    /// The whole TASK frame for the delivery (`frame::encode_task` of `encode` and the body),
-    /// written into one buffer: the meta is neither allocated nor copied on its own.
+    /// The payload of a TASK frame (`python/celeriac/frames.py: loads_task`): `M` and one
+    /// marshal tuple `(name, id, proto, content_type, content_encoding, headers, extras, body)`,
+    /// or, when a header holds a kombu type marker, `u32 length | JSON meta | body` for kombu's
+    /// decoder. A tuple, not a dict: the child unpacks it without looking anything up.
     pub fn task_frame(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
         if needs_json(delivery) {
             return frame::encode_task(&Self::encode_json(delivery, msg, hostname), &delivery.body);
         }
-        let mut prefix = [0u8; frame::TASK_HEADER_LEN + MARSHAL_PREFIX.len()];
-        prefix[frame::TASK_HEADER_LEN..].copy_from_slice(MARSHAL_PREFIX);
-        let mut w = marshal::Writer::with_prefix(&prefix, 1024 + delivery.body.len());
+        let mut w = marshal::Writer::with_prefix(&[0; 5], 1024 + delivery.body.len());
+        w.raw(MARSHAL_PREFIX);
         Self::write_marshal(&mut w, delivery, msg, hostname);
         let mut out = w.finish();
-        let meta_len = out.len() - frame::TASK_HEADER_LEN;
-        out.extend_from_slice(&delivery.body);
-        frame::write_task_header(&mut out, meta_len);
+        frame::write_header(&mut out, frame::Kind::Task);
         out
     }
 
     fn write_marshal(w: &mut marshal::Writer, delivery: &Delivery, msg: &TaskMessage, hostname: &str) {
         let headers = if delivery.headers.is_object() { &delivery.headers } else { &EMPTY_OBJECT };
         let property = |key: &str| delivery.properties.get(key).unwrap_or(&NULL);
-        w.begin_dict();
-        w.entry_str("name", &msg.name);
-        w.entry_str("id", &msg.id);
-        w.str("proto");
+        w.begin_tuple(8);
+        w.str(&msg.name);
+        w.str(&msg.id);
         w.int(if msg.protocol == Protocol::V1 { 1 } else { 2 });
-        w.entry_str("content_type", &delivery.content_type);
-        w.entry_str("content_encoding", &delivery.content_encoding);
-        w.entry("headers", headers);
-        w.str("extras");
+        w.str(&delivery.content_type);
+        w.str(&delivery.content_encoding);
+        w.value(headers);
         w.begin_dict();
         w.entry("reply_to", property("reply_to"));
         w.entry("correlation_id", property("correlation_id"));
@@ -262,7 +248,7 @@ impl ChildMeta {
         w.str("properties");
         w.map(&delivery.properties);
         w.end_dict();
-        w.end_dict();
+        w.bytes(&delivery.body);
     }
 
     /// The same meta as JSON.
@@ -375,25 +361,18 @@ mod tests {
     }
 
     #[test]
-    fn child_meta_is_marshal_unless_a_header_has_a_type_marker() {
+    fn task_frame_is_marshal_unless_a_header_has_a_type_marker() {
         let d = delivery(json!({"task": "a.add", "id": "1"}), b"[]", "application/json");
         let m = TaskMessage::parse(&d).unwrap();
-        assert!(ChildMeta::encode(&d, &m, "w@h").starts_with(MARSHAL_PREFIX));
+        let frame = ChildMeta::task_frame(&d, &m, "w@h");
+        assert_eq!(frame[4], frame::Kind::Task as u8);
+        assert_eq!(u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize, frame.len() - 4);
+        assert!(frame[5..].starts_with(MARSHAL_PREFIX));
+        assert!(frame.ends_with(b"s\x02\x00\x00\x00[]"), "the body, as bytes, ends the tuple");
         let marker = json!({"task": "a.add", "id": "1", "x": [{"__type__": "datetime", "__value__": "2024-01-02"}]});
         let d = delivery(marker, b"[]", "application/json");
         let m = TaskMessage::parse(&d).unwrap();
-        assert!(ChildMeta::encode(&d, &m, "w@h").starts_with(b"{"));
-    }
-
-    #[test]
-    fn task_frame_is_the_meta_and_body_framed() {
-        let marker = json!({"task": "a.add", "id": "1", "x": {"__type__": "uuid", "__value__": "u"}});
-        let m = TaskMessage::parse(&delivery(json!({"task": "a.add", "id": "1"}), b"[]", "")).unwrap();
-        // Marshal, JSON (a type marker), and v1 headers that are not a mapping.
-        for headers in [json!({"task": "a.add", "id": "1", "n": [1, 2.5, null]}), marker, json!([1])] {
-            let d = delivery(headers, b"[[1], {}, {}]", "application/json");
-            let framed = frame::encode_task(&ChildMeta::encode(&d, &m, "w@h"), &d.body);
-            assert_eq!(ChildMeta::task_frame(&d, &m, "w@h"), framed);
-        }
+        let json_meta = ChildMeta::encode_json(&d, &m, "w@h");
+        assert_eq!(ChildMeta::task_frame(&d, &m, "w@h"), frame::encode_task(&json_meta, b"[]"));
     }
 }
