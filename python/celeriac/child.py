@@ -160,7 +160,8 @@ class Child:
                 return 0
 
     def run_task(self, payload):
-        name, task_id, proto, content_type, content_encoding, request, extras, body = frames.loads_task(payload)
+        name, task_id, proto, content_type, content_encoding, request, extras, body, decoded = frames.loads_task(
+            payload)
         try:
             compression = request.get("compression") if isinstance(request, dict) else None
             if compression:
@@ -175,7 +176,9 @@ class Child:
                 body, request, _decoded, _utc = hybrid_to_proto2(_MessageShim(request), decoded)
                 content_type = content_encoding = None
             elif content_type == "application/json" and self.fast_json_bodies:
-                decoded = _decode_json_body(body)
+                # The supervisor decoded small plain bodies already (`write_decoded_body`).
+                if decoded is None:
+                    decoded = _decode_json_body(body)
                 if decoded is not None:
                     body, content_type, content_encoding = decoded, None, None
             request.update(extras)

@@ -86,7 +86,8 @@ def read_frame(sock):
 
 def loads_task(payload):
     """A TASK frame's payload -> ``(name, id, proto, content_type, content_encoding, headers,
-    extras, body)``: what Celery's ``Request`` builds its request dict from, and the raw body.
+    extras, body, decoded)``: what Celery's ``Request`` builds its request dict from, the raw
+    body, and, for a small plain JSON body, what ``json.loads`` makes of it (else ``None``).
 
     Written by the supervisor (``ChildMeta::task_frame``) as ``M`` and one marshal tuple, or,
     where a header holds a kombu type marker (``{"__type__": "datetime", ...}``), as
@@ -98,4 +99,4 @@ def loads_task(payload):
     (meta_len,) = _U32.unpack_from(payload, 0)
     meta = loads(payload[4:4 + meta_len])
     return (meta["name"], meta["id"], meta["proto"], meta["content_type"], meta["content_encoding"],
-            meta["headers"], meta["extras"], payload[4 + meta_len:])
+            meta["headers"], meta["extras"], payload[4 + meta_len:], None)

@@ -528,7 +528,7 @@ def _send_task_received(payload, app, hostname, shim):
     from kombu.message import Message
 
     try:
-        name, _id, _proto, content_type, content_encoding, headers, extras, body = frames.loads_task(payload)
+        name, _id, _proto, content_type, content_encoding, headers, extras, body, _ = frames.loads_task(payload)
         message = Message(body=body, content_type=content_type, content_encoding=content_encoding,
                           delivery_info=extras.get("delivery_info"), properties=extras.get("properties"),
                           headers=headers, delivery_tag=(extras.get("properties") or {}).get("delivery_tag"))

@@ -200,6 +200,42 @@ fn has_type_marker(v: &Value) -> bool {
     }
 }
 
+/// Bodies larger than this are left for the child to decode: the supervisor serves every child.
+const MAX_DECODED_BODY: usize = 4096;
+
+/// A v2 JSON body as kombu's decoder would return it, so the child skips `json.loads` (its
+/// costliest step after Celery's tracer); `None` where that could differ in any way, and the
+/// child decodes the raw body as before: a body that is compressed, large, or could hold a
+/// kombu type marker (also spelled with `\u` escapes), or is not plain JSON for serde_json
+/// (Python's extras: NaN, lone surrogates), or holds a float (Python's `float()` is the only
+/// rounding to trust) or an integer beyond 64 bits (serde_json would make it a float).
+fn write_decoded_body(w: &mut marshal::Writer, delivery: &Delivery, msg: &TaskMessage) {
+    let body = &delivery.body;
+    let plain = msg.protocol == Protocol::V2
+        && delivery.content_type == "application/json"
+        && body.len() <= MAX_DECODED_BODY
+        && delivery.headers.get("compression").is_none_or(Value::is_null)
+        && !contains(body, b"__type__")
+        && !contains(body, b"\\u00");
+    match plain.then(|| serde_json::from_slice::<Value>(body).ok()).flatten() {
+        Some(decoded) if integers_only(&decoded) => w.value(&decoded),
+        _ => w.none(),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+fn integers_only(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_i64() || n.is_u64(),
+        Value::Array(items) => items.iter().all(integers_only),
+        Value::Object(map) => map.values().all(integers_only),
+        _ => true,
+    }
+}
+
 /// A meta kombu's JSON decoder must read (see `has_type_marker`).
 fn needs_json(delivery: &Delivery) -> bool {
     (delivery.headers.is_object() && has_type_marker(&delivery.headers))
@@ -208,8 +244,8 @@ fn needs_json(delivery: &Delivery) -> bool {
 
 impl ChildMeta {
     /// The payload of a TASK frame (`python/celeriac/frames.py: loads_task`): `M` and one
-    /// marshal tuple `(name, id, proto, content_type, content_encoding, headers, extras, body)`,
-    /// or, when a header holds a kombu type marker, `u32 length | JSON meta | body` for kombu's
+    /// marshal tuple `(name, id, proto, content_type, content_encoding, headers, extras, body,
+    /// decoded body or None, see `write_decoded_body`)`, or, when a header holds a kombu type marker, `u32 length | JSON meta | body` for kombu's
     /// decoder. A tuple, not a dict: the child unpacks it without looking anything up.
     pub fn task_frame(delivery: &Delivery, msg: &TaskMessage, hostname: &str) -> Vec<u8> {
         if needs_json(delivery) {
@@ -226,7 +262,7 @@ impl ChildMeta {
     fn write_marshal(w: &mut marshal::Writer, delivery: &Delivery, msg: &TaskMessage, hostname: &str) {
         let headers = if delivery.headers.is_object() { &delivery.headers } else { &EMPTY_OBJECT };
         let property = |key: &str| delivery.properties.get(key).unwrap_or(&NULL);
-        w.begin_tuple(8);
+        w.begin_tuple(9);
         w.str(&msg.name);
         w.str(&msg.id);
         w.int(if msg.protocol == Protocol::V1 { 1 } else { 2 });
@@ -249,6 +285,7 @@ impl ChildMeta {
         w.map(&delivery.properties);
         w.end_dict();
         w.bytes(&delivery.body);
+        write_decoded_body(w, delivery, msg);
     }
 
     /// The same meta as JSON.
@@ -361,6 +398,36 @@ mod tests {
     }
 
     #[test]
+    fn only_bodies_json_loads_would_read_the_same_are_decoded() {
+        let decoded = |body: &[u8], headers: Value| {
+            let d = delivery(headers, body, "application/json");
+            let m = TaskMessage::parse(&d).unwrap();
+            let mut w = marshal::Writer::with_prefix(b"", 64);
+            write_decoded_body(&mut w, &d, &m);
+            w.finish()
+        };
+        let v2 = || json!({"task": "a.add", "id": "1"});
+        assert_eq!(
+            decoded(b"[[2, -3], {}, {}]", v2()),
+            b"[\x03\x00\x00\x00[\x02\x00\x00\x00i\x02\x00\x00\x00i\xfd\xff\xff\xff{0{0"
+        );
+        for body in [
+            &b"[[1.5], {}, {}]"[..],                       // a float
+            b"[[123456789012345678901234567890], {}, {}]", // beyond 64 bits
+            b"[[NaN], {}, {}]",                            // Python's extension
+            br#"[[], {"x": {"__type__": "uuid"}}, {}]"#,   // a kombu type marker
+            br#"[["\u005f"], {}, {}]"#,                    // an escape that could spell one
+            b"[[\xff], {}, {}]",                           // not UTF-8
+            b"",
+        ] {
+            assert_eq!(decoded(body, v2()), b"N", "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(decoded(b"[[], {}, {}]", json!({"task": "a", "id": "1", "compression": "zlib"})), b"N");
+        let big = format!("[[\"{}\"], {{}}, {{}}]", "x".repeat(MAX_DECODED_BODY));
+        assert_eq!(decoded(big.as_bytes(), v2()), b"N");
+    }
+
+    #[test]
     fn task_frame_is_marshal_unless_a_header_has_a_type_marker() {
         let d = delivery(json!({"task": "a.add", "id": "1"}), b"[]", "application/json");
         let m = TaskMessage::parse(&d).unwrap();
@@ -368,7 +435,8 @@ mod tests {
         assert_eq!(frame[4], frame::Kind::Task as u8);
         assert_eq!(u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize, frame.len() - 4);
         assert!(frame[5..].starts_with(MARSHAL_PREFIX));
-        assert!(frame.ends_with(b"s\x02\x00\x00\x00[]"), "the body, as bytes, ends the tuple");
+        // The body as bytes, then decoded (an empty list).
+        assert!(frame.ends_with(b"s\x02\x00\x00\x00[][\x00\x00\x00\x00"));
         let marker = json!({"task": "a.add", "id": "1", "x": [{"__type__": "datetime", "__value__": "2024-01-02"}]});
         let d = delivery(marker, b"[]", "application/json");
         let m = TaskMessage::parse(&d).unwrap();
