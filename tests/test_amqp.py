@@ -92,6 +92,41 @@ def test_waiting_eta_tasks_raise_the_qos(worker, broker):
     assert [r.get(timeout=15) for r in later] == [0, 1, 2]
 
 
+def task_channel_qos():
+    """The QoS RabbitMQ holds for the task connection's consumer and channel:
+    (the consumer's prefetch_count, the channel's global_prefetch_count)."""
+    consumers = rabbitmqctl("list_consumers", "-p", "celeriac-test", "--no-table-headers",
+                            "queue_name", "channel_pid", "prefetch_count")
+    on_celery = [line.split("\t") for line in consumers.splitlines() if line.startswith("celery\t")]
+    assert len(on_celery) == 1, consumers
+    _, channel, consumer_limit = on_celery[0]
+    channels = rabbitmqctl("list_channels", "--no-table-headers", "pid", "global_prefetch_count")
+    global_limit = next(line.split("\t")[1] for line in channels.splitlines() if line.startswith(channel + "\t"))
+    return int(consumer_limit), int(global_limit)
+
+
+def test_one_queue_takes_its_prefetch_per_consumer_until_it_changes(worker, broker):
+    # One queue: the window is set on the consumer (cheaper for RabbitMQ, the same limit) ...
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multiplier", "2"]).wait_ready()
+    assert task_channel_qos() == (2, 0)
+    marker = f"m:{uuid.uuid4()}"
+    sleeping = [testapp.sleep.delay(0.3, marker) for _ in range(8)]
+    wait_started(marker)
+    time.sleep(0.5)
+    assert broker.unacked() <= 2, "more taken than the window"  # the running task is acked
+    # ... and, when the prefetch count first changes (an ETA task waits: stock raises the QoS),
+    # on the channel, as stock sets it, with the consumer restarted without a limit of its own.
+    assert [r.get(timeout=20) for r in sleeping] == [0.3] * 8
+    later = testapp.add.apply_async((1, 2), countdown=5)  # rabbitmqctl takes a second a call
+    wait_until(lambda: task_channel_qos() == (0, 3), timeout=10, what="the channel's QoS raised")
+    assert testapp.add.delay(2, 3).get(timeout=10) == 5
+    assert later.get(timeout=10) == 3
+    wait_until(lambda: task_channel_qos() == (0, 2), timeout=10, what="the channel's QoS lowered again")
+    assert testapp.add.delay(2, 2).get(timeout=10) == 4
+    assert "Connection to broker lost" not in w.log()
+    assert w.stop() == 0
+
+
 def test_connection_closed_by_the_broker_mid_load(worker, broker):
     w = worker(WORKER).wait_ready()
     key = f"ran:{uuid.uuid4()}"
