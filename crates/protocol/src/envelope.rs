@@ -2,6 +2,8 @@
 //! in (reference §2.1): a JSON object with the body (base64), content type and encoding,
 //! headers and properties (`delivery_info`, `delivery_tag`, `priority`, ...).
 
+use std::borrow::Cow;
+
 use base64::Engine;
 use serde_json::{Map, Value};
 
@@ -15,24 +17,83 @@ pub enum EnvelopeError {
     Body(String),
 }
 
+/// An envelope's fields, read in one pass without a map for the envelope itself and with the
+/// body borrowed from the text (base64 has nothing to unescape). Anything unusual (a field of
+/// another type, a key given twice) fails here and is read by `Parts::from_value` instead.
+#[derive(serde::Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    body: Option<Cow<'a, str>>,
+    #[serde(rename = "content-type", borrow)]
+    content_type: Option<Cow<'a, str>>,
+    #[serde(rename = "content-encoding", borrow)]
+    content_encoding: Option<Cow<'a, str>>,
+    headers: Option<Value>,
+    properties: Option<Map<String, Value>>,
+}
+
+/// The envelope taken apart, however it was read.
+struct Parts<'a> {
+    /// The body's text, or the JSON of a body that was not a string.
+    body: Option<Cow<'a, str>>,
+    body_is_text: bool,
+    content_type: String,
+    content_encoding: String,
+    headers: Value,
+    properties: Map<String, Value>,
+}
+
+impl<'a> Parts<'a> {
+    fn from_fields(f: Fields<'a>) -> Self {
+        Parts {
+            body_is_text: true,
+            body: f.body,
+            content_type: f.content_type.map(Cow::into_owned).unwrap_or_default(),
+            content_encoding: f.content_encoding.map(Cow::into_owned).unwrap_or_default(),
+            headers: f.headers.unwrap_or(Value::Null),
+            properties: f.properties.unwrap_or_default(),
+        }
+    }
+
+    /// Any JSON object, as kombu would read it: fields of the wrong type count as absent.
+    fn from_value(v: Value) -> Result<Self, EnvelopeError> {
+        let Value::Object(mut env) = v else {
+            return Err(EnvelopeError::NotJson("envelope is not a mapping".into()));
+        };
+        let text = |env: &Map<String, Value>, k: &str| env.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let (body, body_is_text) = match env.remove("body") {
+            Some(Value::String(s)) => (Some(Cow::Owned(s)), true),
+            Some(Value::Null) | None => (None, true),
+            Some(other) => (Some(Cow::Owned(other.to_string())), false),
+        };
+        Ok(Parts {
+            body,
+            body_is_text,
+            content_type: text(&env, "content-type"),
+            content_encoding: text(&env, "content-encoding"),
+            headers: env.remove("headers").unwrap_or(Value::Null),
+            properties: match env.remove("properties") {
+                Some(Value::Object(p)) => p,
+                _ => Map::new(),
+            },
+        })
+    }
+}
+
 /// Unwrap kombu's stored envelope (reference §2.1).
 pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError> {
-    let v: Value = serde_json::from_str(raw).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
-    let Value::Object(mut env) = v else {
-        return Err(EnvelopeError::NotJson("envelope is not a mapping".into()));
+    let parts = match serde_json::from_str::<Fields>(raw) {
+        Ok(fields) => Parts::from_fields(fields),
+        Err(_) => Parts::from_value(serde_json::from_str(raw).map_err(|e| EnvelopeError::NotJson(e.to_string()))?)?,
     };
-    let mut properties = match env.remove("properties") {
-        Some(Value::Object(p)) => p,
-        _ => Map::new(),
-    };
+    let mut properties = parts.properties;
     let body_encoding = properties.get("body_encoding").and_then(Value::as_str).unwrap_or("");
-    let body = match env.remove("body") {
-        Some(Value::String(s)) if body_encoding == "base64" => base64::engine::general_purpose::STANDARD
+    let body = match parts.body {
+        Some(s) if parts.body_is_text && body_encoding == "base64" => base64::engine::general_purpose::STANDARD
             .decode(s.as_bytes())
             .map_err(|e| EnvelopeError::Body(format!("invalid base64: {e}")))?,
-        Some(Value::String(s)) => s.into_bytes(),
-        Some(Value::Null) | None => Vec::new(),
-        Some(other) => other.to_string().into_bytes(),
+        Some(s) => s.into_owned().into_bytes(),
+        None => Vec::new(),
     };
     let delivery_info = properties.get("delivery_info").and_then(Value::as_object);
     let exchange = delivery_info.and_then(|d| d.get("exchange")).and_then(Value::as_str).unwrap_or("").to_owned();
@@ -47,15 +108,14 @@ pub fn decode_envelope(raw: &str, queue: &str) -> Result<Delivery, EnvelopeError
             t
         }
     };
-    let text = |env: &Map<String, Value>, k: &str| env.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     Ok(Delivery {
         tag,
         exchange,
         routing_key,
         redelivered,
-        content_type: text(&env, "content-type"),
-        content_encoding: text(&env, "content-encoding"),
-        headers: env.remove("headers").unwrap_or(Value::Null),
+        content_type: parts.content_type,
+        content_encoding: parts.content_encoding,
+        headers: parts.headers,
         properties,
         body,
     })
@@ -112,6 +172,23 @@ mod tests {
         let v: Value = serde_json::from_str(&again).unwrap();
         assert_eq!(v["headers"]["redelivered"], true);
         assert_eq!(v["properties"]["delivery_info"]["redelivered"], true);
+    }
+
+    #[test]
+    fn unusual_envelopes_read_as_kombu_reads_them() {
+        // Fields of other types, a key given twice (the last one wins, as in Python's json).
+        let raw = r#"{"body": {"a": 1}, "content-type": 5, "headers": {"task": "t"}, "properties": [1],
+                      "content-encoding": "utf-8", "content-encoding": "binary"}"#;
+        let d = decode_envelope(raw, "q").unwrap();
+        assert_eq!(d.body, br#"{"a":1}"#);
+        assert_eq!((d.content_type.as_str(), d.content_encoding.as_str()), ("", "binary"));
+        assert_eq!(d.headers["task"], "t");
+        assert_eq!(d.routing_key, "q");
+        // An escaped body is unescaped, then base64-decoded.
+        let d = decode_envelope(r#"{"body": "aGk\u003d", "properties": {"body_encoding": "base64"}}"#, "q").unwrap();
+        assert_eq!(d.body, b"hi");
+        let d = decode_envelope(r#"{"body": null}"#, "q").unwrap();
+        assert!(d.body.is_empty() && d.headers.is_null());
     }
 
     #[test]
