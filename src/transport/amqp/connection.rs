@@ -6,7 +6,8 @@
 //! lapin's per-frame bookkeeping were a third of the supervisor's time per task, and the ack →
 //! next delivery round trip it lengthened left the prefetch window idle. Here one task reads
 //! the socket and hands whole deliveries over; acks are written to the socket by the caller.
-//! Frames are parsed and written with `amq-protocol` (lapin's own codec); any frame size the
+//! Frames are written, and all but deliveries parsed, with `amq-protocol` (lapin's own codec);
+//! a delivery's method and content header are read by `content`. Any frame size the
 //! broker sends is accepted, so headers larger than the negotiated frame (never split) do not
 //! close the connection.
 
