@@ -6,6 +6,13 @@ use celeriac::{cli, config, ops, worker};
 use clap::{CommandFactory, FromArgMatches};
 
 fn main() {
+    // glibc consolidates its fast bins before every allocation of 1 KiB or more (a TASK frame,
+    // a delivery's body): a walk over freed chunks for each task. Small frees still go to the
+    // per-thread cache, which serves the hot path.
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MXFAST, 0);
+    }
     let matches = cli::Cli::command().get_matches();
     let cli = match cli::Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
