@@ -630,7 +630,7 @@ async fn bare_consume(channels: Channels, mut stops: mpsc::UnboundedReceiver<sig
         tokio::select! {
             incoming = deliveries.recv() => match incoming {
                 Some(crate::transport::Incoming::Delivery(d)) => {
-                    let _ = settle.send((crate::transport::Settle::Ack(d.tag), true));
+                    let _ = settle.send(acker::SettleOp::now(crate::transport::Settle::Ack(d.tag), true));
                 }
                 Some(crate::transport::Incoming::ConnectionLost) => {}
                 None => break,

@@ -299,7 +299,11 @@ impl Consumer {
     }
 
     fn settle(&self, op: Settle, frees_slot: bool) {
-        if self.settle.send((op, frees_slot)).is_err() {
+        self.hand_to_acker(SettleOp::now(op, frees_slot));
+    }
+
+    fn hand_to_acker(&self, op: SettleOp) {
+        if self.settle.send(op).is_err() {
             error!("acknowledgements stopped: a message will be redelivered");
         }
     }
@@ -837,7 +841,7 @@ impl Consumer {
             self.metrics.queue_wait(&request.message.name, request.ready_since.elapsed().as_secs_f64());
             // Early ack: the child starts the task now (`Request.on_accepted`).
             if !request.options.acks_late {
-                self.settle(Settle::Ack(request.delivery.tag.clone()), !request.eta_bumped);
+                self.hand_to_acker(SettleOp::early_ack(request.delivery.tag.clone(), !request.eta_bumped));
             }
             // `revoke(terminate=True)` that came while it was queued.
             if let Some(signal) = request.terminated.and_then(|sig| nix::sys::signal::Signal::try_from(sig).ok()) {
@@ -1207,7 +1211,7 @@ impl Consumer {
             let Job::Task(r) = job else { continue };
             warn!("Shutdown timeout: stopping {}[{}] before it finished", r.message.display_name(), r.message.id);
             if r.options.acks_late {
-                let _ = self.settle.send((Settle::Restore(r.delivery.tag.clone()), !r.eta_bumped));
+                let _ = self.settle.send(SettleOp::now(Settle::Restore(r.delivery.tag.clone()), !r.eta_bumped));
             } else {
                 records.push(json!({
                     "reason": "worker_lost",
@@ -1262,7 +1266,7 @@ impl Consumer {
             for (_, job) in self.active.drain() {
                 if let Job::Task(r) = job {
                     if r.options.acks_late {
-                        self.settle.send((Settle::Restore(r.delivery.tag), false)).ok();
+                        self.settle.send(SettleOp::now(Settle::Restore(r.delivery.tag), false)).ok();
                     }
                 }
             }
