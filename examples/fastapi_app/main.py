@@ -1,5 +1,6 @@
 """An API that enqueues work and polls its results: `uvicorn main:app`."""
 
+from celery import states
 from celery.result import AsyncResult
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -41,9 +42,13 @@ def run_divide(payload: Division) -> dict:
 @app.get("/tasks/{task_id}")
 def get_status(task_id: str) -> dict:
     result = AsyncResult(task_id, app=celery)
+    # Decide on the one status read here: asking result.ready() afterwards reads the backend
+    # again, and a task that finished in between would hand back its exception as the value.
     status = result.status
-    if status == "FAILURE":
+    if status in states.EXCEPTION_STATES:
         value = {"error": type(result.result).__name__, "detail": str(result.result)}
+    elif status == states.SUCCESS:
+        value = result.result
     else:
-        value = result.result if result.ready() else None
+        value = None
     return {"task_id": task_id, "task_status": status, "task_result": value}

@@ -27,9 +27,12 @@ def start_process() -> dict[str, object]:
 @bp.get("/result/<id>")
 def task_result(id: str) -> dict[str, object]:
     result = AsyncResult(id)
+    # Ask ready() first: a ready result keeps its final state, so the fields below agree with it
+    # (read the other way round, a task finishing in between gives a stale state marked ready).
+    ready = result.ready()
     return {
         "state": result.state,
-        "ready": result.ready(),
-        "successful": result.successful() if result.ready() else None,
-        "value": result.result if result.ready() else (result.info if isinstance(result.info, dict) else None),
+        "ready": ready,
+        "successful": result.successful() if ready else None,
+        "value": result.result if ready else (result.info if isinstance(result.info, dict) else None),
     }
