@@ -1,18 +1,17 @@
 //! The prefork pool, supervisor side: asks the zygote for children, writes jobs to idle
 //! children, and turns their frames and exits into [`PoolEvent`]s for the consumer.
 
+mod child_socket;
 pub mod frame;
 pub mod zygote;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream as StdUnixStream;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
+use child_socket::ChildWriter;
 use frame::Kind;
 pub use zygote::{ExitStatus, Zygote};
 
@@ -47,7 +46,7 @@ struct Slot {
     pid: Option<i32>,
     state: SlotState,
     /// `None` once we closed it to make the child leave (pool shrink).
-    writer: Option<OwnedWriteHalf>,
+    writer: Option<ChildWriter>,
     /// Jobs it reported done.
     jobs_done: u64,
     /// billiard's process index: the lowest free from 0, a dead child's reused by the next
@@ -89,8 +88,7 @@ impl Pool {
         self.zygote.fork(index, process_index, &theirs).await.map_err(|e| PoolError::Fork(e.to_string()))?;
         drop(theirs);
         ours.set_nonblocking(true).map_err(PoolError::Socket)?;
-        let stream = UnixStream::from_std(ours).map_err(PoolError::Socket)?;
-        let (reader, writer) = stream.into_split();
+        let (reader, writer) = child_socket::split(ours).map_err(PoolError::Socket)?;
         // Buffered: a frame's header and payload, and frames queued behind it, in one read.
         let mut reader = tokio::io::BufReader::new(reader);
         let events = self.events.clone();
