@@ -16,8 +16,10 @@ use std::task::{ready, Context, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 
-/// Split a connected, non-blocking socket into its reader and writer.
+/// Split a connected socket into its reader and writer. Made non-blocking here: the writer
+/// writes to it directly, and a blocking write would stall every task of the runtime.
 pub fn split(stream: UnixStream) -> io::Result<(ChildReader, ChildWriter)> {
+    stream.set_nonblocking(true)?;
     let writer = ChildWriter { stream: stream.try_clone()? };
     let reader = ChildReader { fd: register(stream, Interest::READABLE)? };
     Ok((reader, writer))
@@ -91,15 +93,9 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    fn pair() -> (UnixStream, UnixStream) {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        (ours, theirs)
-    }
-
     #[tokio::test]
     async fn a_write_larger_than_the_socket_buffer_waits_for_the_reader() {
-        let (ours, theirs) = pair();
+        let (ours, theirs) = UnixStream::pair().unwrap();
         let (_reader, mut writer) = split(ours).unwrap();
         let sent: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
         // The peer starts reading late, on a thread of its own: the writer fills the socket's
@@ -123,7 +119,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_reader_sees_what_the_child_wrote_then_its_end() {
-        let (ours, mut theirs) = pair();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (mut reader, _writer) = split(ours).unwrap();
         theirs.write_all(b"frame").unwrap();
         drop(theirs);

@@ -87,7 +87,6 @@ impl Pool {
         let process_index = self.free_process_index();
         self.zygote.fork(index, process_index, &theirs).await.map_err(|e| PoolError::Fork(e.to_string()))?;
         drop(theirs);
-        ours.set_nonblocking(true).map_err(PoolError::Socket)?;
         let (reader, writer) = child_socket::split(ours).map_err(PoolError::Socket)?;
         // Buffered: a frame's header and payload, and frames queued behind it, in one read.
         let mut reader = tokio::io::BufReader::new(reader);
