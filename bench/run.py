@@ -18,8 +18,9 @@ same pre-filled queue and the same way of seeing completions:
   result     tasks returning 10 KB, stored in the Redis result backend; counted by DBSIZE.
   latency    200 tasks/s for 10 s into a running worker, after 1 s of the same not counted;
              from apply_async's return (the message is in the broker) to the task's end (it
-             RPUSHes its id and the time); p50/p99. Also the broker's own floor: a kombu
-             consumer that only acks, fed the same way (no worker can be faster).
+             RPUSHes its id and the time); p50/p99. Also the floor: the bare consumer fed the
+             same way, from apply_async's return to the delivery in its hands (no worker can
+             be faster).
   roundtrip  `add.delay(1, 1).get()` in a loop against a running worker; median ms per call.
   startup    one task waiting; from starting the worker (default flags, so mingle runs) until
              its result is stored.
@@ -396,9 +397,42 @@ def running(broker, ctx, kind, concurrency=2):
     return w
 
 
-def paced_stamps(ctx, w, rate, total):
-    """`total` stamp tasks at `rate`/s; returns {task id: time enqueued} once all are done."""
-    ctx.backend.delete("bench:latency")
+class RedisStamps:
+    """Where the stamp task notes its id and time: a Redis list on the results database."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def reset(self):
+        self.backend.delete("bench:latency")
+
+    def count(self):
+        return self.backend.llen("bench:latency")
+
+    def read(self):
+        return dict(x.decode().split() for x in self.backend.lrange("bench:latency", 0, -1))
+
+
+class FileStamps:
+    """Where the bare consumer notes each delivery's task id and arrival time (`--bare-stamps`)."""
+
+    def __init__(self, path):
+        self.path = path
+        path.touch()
+
+    def reset(self):
+        self.path.write_text("")  # the consumer appends (O_APPEND): its next line lands at the start
+
+    def read(self):
+        return dict(line.split() for line in self.path.read_text().splitlines() if line.count(" ") == 1)
+
+    def count(self):
+        return len(self.read())
+
+
+def paced_stamps(ctx, w, stamps, rate, total):
+    """`total` stamp tasks at `rate`/s; returns {task id: time enqueued} once all are stamped."""
+    stamps.reset()
     t0 = time.monotonic()
     enqueued = {}
     with ctx.app.app.producer_or_acquire() as producer:
@@ -409,73 +443,39 @@ def paced_stamps(ctx, w, rate, total):
             # Enqueued once apply_async returns: the producer's own serialising is not the worker's.
             task_id = ctx.app.stamp.apply_async(producer=producer).id
             enqueued[task_id] = time.time()
-    wait_for(lambda: ctx.backend.llen("bench:latency") >= total, w, "all latency tasks done", timeout=120)
+    wait_for(lambda: stamps.count() >= total, w, "all latency tasks stamped", timeout=120)
     return enqueued
+
+
+def paced_latency(ctx, w, stamps):
+    """200 stamp tasks/s for 10 s, after one second of the same not counted: p50 and p99 ms."""
+    rate, seconds = 200, 10
+    # The first second: each child's first runs of the task (its own Redis connection, CPython's
+    # first specialising of the code) are start-up, not latency.
+    paced_stamps(ctx, w, stamps, rate, rate)
+    enqueued = paced_stamps(ctx, w, stamps, rate, rate * seconds)
+    done = stamps.read()
+    samples = sorted(max(0.0, float(done[i]) - enqueued[i]) * 1000 for i in enqueued if i in done)
+    return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)]}
 
 
 def latency(broker, ctx, kind):
     w = running(broker, ctx, kind)
-    rate, seconds = 200, 10
-    # One second of the same load first, not counted: each child's first runs of the task (its
-    # own Redis connection, CPython's first specialising of the code) are start-up, not latency.
-    paced_stamps(ctx, w, rate, rate)
-    enqueued = paced_stamps(ctx, w, rate, rate * seconds)
-    done = dict(x.decode().split() for x in ctx.backend.lrange("bench:latency", 0, -1))
-    samples = sorted(max(0.0, float(done[i]) - enqueued[i]) * 1000 for i in enqueued if i in done)
-    problems = w.stop()
-    return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)], "problems": problems}
-
-
-def _floor_consumer(url, ready, out, seconds):
-    from kombu import Connection, Consumer, Exchange, Queue
-
-    seen = {}
-    with Connection(url) as conn:
-        queue = Queue("bench-floor", Exchange("bench-floor", "direct"), routing_key="bench-floor", auto_delete=True)
-
-        def on_message(body, message):
-            seen[body["id"]] = time.time()
-            message.ack()
-
-        with Consumer(conn, [queue], callbacks=[on_message], accept=["json"]):
-            ready.put(True)
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                try:
-                    conn.drain_events(timeout=0.2)
-                except Exception:  # timeouts
-                    pass
-    out.put(seen)
+    r = paced_latency(ctx, w, RedisStamps(ctx.backend))
+    return dict(r, problems=w.stop())
 
 
 def latency_floor(broker, ctx):
-    """The broker's own latency at the same 200/s: a kombu consumer that only acks (no worker),
-    from publish's return to the message in the consumer's hands. No worker can be below it."""
-    import multiprocessing
-
-    from kombu import Connection, Exchange, Producer
-
-    rate, seconds = 200, 10
-    mp = multiprocessing.get_context("fork")
-    ready, out = mp.Queue(), mp.Queue()
-    proc = mp.Process(target=_floor_consumer, args=(broker.url, ready, out, seconds + 4))
-    proc.start()
-    ready.get(timeout=30)
-    sent = {}
-    with Connection(broker.url) as conn:
-        producer = Producer(conn.channel(), exchange=Exchange("bench-floor", "direct"), routing_key="bench-floor")
-        t0 = time.monotonic()
-        for i in range(rate * (seconds + 1)):
-            pause = t0 + i / rate - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            producer.publish({"id": i}, serializer="json")
-            if i >= rate:  # the first second is not counted, as for the workers
-                sent[i] = time.time()
-    seen = out.get(timeout=60)
-    proc.join(10)
-    samples = sorted(max(0.0, seen[i] - t) * 1000 for i, t in sent.items() if i in seen)
-    return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)]}
+    """The same paced stamp tasks taken by the bare consumer (celeriac's transport and acker, no
+    Python, no pool), from apply_async's return to the delivery in its hands: what the broker,
+    the producer and the machine leave for any worker."""
+    broker.purge()
+    stamps = FileStamps(Path(ctx.logdir) / f"stamps-{uuid4().hex[:8]}.txt")
+    w = Worker("bare", ctx.binary, broker.url, ctx.logdir, extra=["--bare-stamps", str(stamps.path)])
+    r = paced_latency(ctx, w, stamps)
+    w.stop()
+    stamps.path.unlink()
+    return r
 
 
 def roundtrip(broker, ctx, kind):
@@ -675,7 +675,7 @@ def report(broker_kind, results, bare_rates, floors=()):
         print(f"{'celeriac p99 latency ≤ 1 ms':38} {'':>10} {p99:>10.2f} {'':>7}  {'met' if p99 <= 1 else 'NOT met'}")
     if floors:
         p50, p99 = med([f["p50"] for f in floors]), med([f["p99"] for f in floors])
-        print(f"{'broker alone at 200/s, p50 / p99 ms':38} {'':>10} {p50:>5.2f}/{p99:.2f}  (kombu consumer, no worker)")
+        print(f"{'bare consumer at 200/s, p50 / p99 ms':38} {'':>10} {p50:>5.2f}/{p99:.2f}  (the floor: no task runs)")
 
 
 class Context:
@@ -746,7 +746,7 @@ def main():
                     print(f"  {broker_kind} round {rnd} drain     bare     rate {r['rate']:.0f}/s", flush=True)
                 if scenario == "latency":
                     floors.append(latency_floor(broker, ctx))
-                    print(f"  {broker_kind} round {rnd} latency   broker   {floors[-1]}", flush=True)
+                    print(f"  {broker_kind} round {rnd} latency   bare     {floors[-1]}", flush=True)
         report(broker_kind, results, bare_rates, floors)
     for note in notes:
         print("note:", note)

@@ -180,6 +180,11 @@ pub struct WorkerArgs {
     #[arg(long = "bare-consumer", hide = true)]
     pub bare_consumer: bool,
 
+    /// Benchmark floor (bench/run.py): with --bare-consumer, append `<task id> <unix time>` to
+    /// this file for each delivery as it arrives.
+    #[arg(long = "bare-stamps", hide = true)]
+    pub bare_stamps: Option<std::path::PathBuf>,
+
     /// Send task-related events (for Flower and `celery events`).
     #[arg(short = 'E', long = "task-events", visible_alias = "events", env = "CELERIAC_TASK_EVENTS")]
     pub task_events: bool,

@@ -588,7 +588,7 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
         gossip: gossip_rx,
     };
     let code = if settings.bare_consumer {
-        bare_consume(channels, stops).await
+        bare_consume(channels, stops, settings.bare_stamps.as_deref()).await
     } else {
         Consumer::new(settings, app.tasks, pool, channels).run(stops).await
     };
@@ -623,13 +623,36 @@ async fn run_consumer<T: Transport>(transport: Arc<T>, parts: Parts) -> i32 {
 }
 
 /// The benchmark's ceiling (`--bare-consumer`): every delivery acked as it arrives, through the
-/// worker's own transport, prefetch window and acker, until a stop signal; no task runs.
-async fn bare_consume(channels: Channels, mut stops: mpsc::UnboundedReceiver<signals::Stop>) -> i32 {
+/// worker's own transport, prefetch window and acker, until a stop signal; no task runs. With
+/// `stamps`, it is also the latency floor: each delivery's task id and arrival time are appended
+/// there as it arrives, one unbuffered line each, so the benchmark can count them as they come.
+async fn bare_consume(
+    channels: Channels,
+    mut stops: mpsc::UnboundedReceiver<signals::Stop>,
+    stamps: Option<&std::path::Path>,
+) -> i32 {
+    use std::io::Write;
     let Channels { mut deliveries, settle, stop_consuming, .. } = channels;
+    let mut stamps = match stamps.map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p)) {
+        Some(Ok(file)) => Some(file),
+        Some(Err(e)) => {
+            error!("--bare-stamps: {e}");
+            return 1;
+        }
+        None => None,
+    };
     loop {
         tokio::select! {
             incoming = deliveries.recv() => match incoming {
                 Some(crate::transport::Incoming::Delivery(d)) => {
+                    if let Some(file) = stamps.as_mut() {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|t| t.as_secs_f64())
+                            .unwrap_or(0.0);
+                        let id = d.headers.get("id").and_then(serde_json::Value::as_str).unwrap_or("-");
+                        let _ = writeln!(file, "{id} {now:.6}");
+                    }
                     let _ = settle.send(acker::SettleOp::now(crate::transport::Settle::Ack(d.tag), true));
                 }
                 Some(crate::transport::Incoming::ConnectionLost) => {}

@@ -165,6 +165,8 @@ pub struct WorkerSettings {
     pub shutdown_timeout: Option<f64>,
     /// `--bare-consumer` (hidden): the benchmark's ceiling, see `worker::bare_consume`.
     pub bare_consumer: bool,
+    /// `--bare-stamps` (hidden): where the bare consumer notes each delivery's arrival.
+    pub bare_stamps: Option<std::path::PathBuf>,
     /// `--pipeline-max-ms`, in seconds (`consumer::pipeline`); `None`: never pipeline.
     pub pipeline_max_runtime: Option<f64>,
 }
@@ -252,6 +254,7 @@ impl WorkerSettings {
             http_bind: worker.http_bind.clone(),
             shutdown_timeout: worker.shutdown_timeout.filter(|t| *t >= 0.0),
             bare_consumer: worker.bare_consumer,
+            bare_stamps: worker.bare_stamps.clone(),
             pipeline_max_runtime: Some(worker.pipeline_max_ms / 1000.0).filter(|s| *s > 0.0),
             // Stock's Mingle and Gossip bootsteps run on AMQP and Redis only (`compatible_transports`).
             mingle: !worker.without_mingle && broadcasts_to_workers(&app.broker_url),
