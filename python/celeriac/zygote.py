@@ -281,6 +281,7 @@ def start_worker(app, hostname, options, level):
     signals.worker_init.send(sender=shim)
     signals.celeryd_after_setup.send(sender=hostname, instance=shim, conf=app.conf)
     _share_redis_result_client(app)
+    _settle_first_task_state(app)
     return shim
 
 
@@ -337,6 +338,41 @@ def _check_backend(app):
     except Exception as exc:  # any failure is the answer
         return {"ok": False, "detail": f"{where}: {exc!r}"}
     return {"ok": True, "detail": f"{where} answers"}
+
+
+def _settle_first_task_state(app):
+    """What each pool child's first task would otherwise set up for itself, done here once so
+    the children share it (measured at 0.6 MiB a child with the Redis result backend):
+
+    - ``app.timezone``, a cached property the first stored result reads (``app.now()``): it
+      loads the zone's data and fills zoneinfo's and the configuration's caches.
+    - One connection to a plain Redis result backend, opened and closed: redis-py's first
+      connection of a process fills module-level state (its observability and maintenance
+      handlers' singletons, the abc and typing caches its checks go through). The connection
+      is a throwaway with a half-second timeout, outside the client's pool; the children
+      open their own as before.
+
+    Any failure is left for the first task to meet, where stock meets it."""
+    try:
+        app.timezone  # noqa: B018 (a cached property)
+    except Exception:
+        logger.debug("app.timezone not settled before the fork", exc_info=True)
+    redis_backends = sys.modules.get("celery.backends.redis")
+    try:
+        if redis_backends is None or type(app.backend) is not redis_backends.RedisBackend:
+            return
+        pool = app.backend.client.connection_pool
+        kwargs = dict(pool.connection_kwargs, socket_connect_timeout=0.5, socket_timeout=0.5)
+        connection = pool.connection_class(**kwargs)
+    except Exception:
+        logger.debug("no Redis result connection made before the fork", exc_info=True)
+        return
+    try:
+        connection.connect()
+    except Exception:  # unreachable at start-up: the children say so when they store
+        logger.debug("Redis result backend not reached before the fork", exc_info=True)
+    finally:
+        connection.disconnect()
 
 
 def _include(app, include):
