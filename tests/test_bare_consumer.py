@@ -1,6 +1,6 @@
 """The benchmark's bare consumer (`--bare-consumer`, bench/run.py's ceiling and latency floor):
 it takes and acks what a Celery producer sends, runs nothing, and with `--bare-stamps` notes
-each delivery's task id and arrival time (every broker)."""
+each delivery's task id and arrival time (run on RabbitMQ and Redis, the benchmark's brokers)."""
 
 import time
 
