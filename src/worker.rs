@@ -637,6 +637,7 @@ async fn bare_consume(
         Some(Ok(file)) => Some(file),
         Some(Err(e)) => {
             error!("--bare-stamps: {e}");
+            let _ = stop_consuming.send(true);
             return 1;
         }
         None => None,
@@ -646,10 +647,7 @@ async fn bare_consume(
             incoming = deliveries.recv() => match incoming {
                 Some(crate::transport::Incoming::Delivery(d)) => {
                     if let Some(file) = stamps.as_mut() {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|t| t.as_secs_f64())
-                            .unwrap_or(0.0);
+                        let now = crate::transport::now_secs();
                         let id = d.headers.get("id").and_then(serde_json::Value::as_str).unwrap_or("-");
                         let _ = writeln!(file, "{id} {now:.6}");
                     }

@@ -280,8 +280,13 @@ def start_worker(app, hostname, options, level):
     trace.setup_worker_optimizations(app, hostname)
     signals.worker_init.send(sender=shim)
     signals.celeryd_after_setup.send(sender=hostname, instance=shim, conf=app.conf)
+    try:
+        # A cached property every stored result reads (`app.now()`): loading the zone's data
+        # and filling zoneinfo's caches once here spares each child's first task doing it.
+        app.timezone  # noqa: B018
+    except Exception:  # as stock: whatever is wrong shows at the first stored result
+        logger.debug("app.timezone not settled before the fork", exc_info=True)
     _share_redis_result_client(app)
-    _settle_first_task_state(app)
     return shim
 
 
@@ -291,14 +296,32 @@ def _share_redis_result_client(app):
     pool and their settings) writes into ~0.3 MiB of pages each child shares with the zygote.
     Nothing connects until a command is sent, and redis-py's pool starts afresh in a process
     other than the one that made it (it checks the pid), so children still open their own
-    connections. Other backends are left as they are: not all of them are safe to share."""
+    connections. Other backends are left as they are: not all of them are safe to share.
+
+    For a plain Redis backend (a Sentinel one's connections need their pool), one throwaway
+    connection is also opened and closed, outside the client's pool, with a half-second
+    timeout: redis-py's first connection of a process fills module-level state (its
+    observability and maintenance handlers' singletons, the abc and typing caches its checks
+    go through) that each child's first stored result would otherwise write for itself."""
     try:
         backend = app.backend  # made here anyway, for the banner
         redis_backends = sys.modules.get("celery.backends.redis")  # imported if it is one
-        if redis_backends is not None and isinstance(backend, redis_backends.RedisBackend):
-            backend.client  # noqa: B018 (a cached property: made once, kept)
+        if redis_backends is None or not isinstance(backend, redis_backends.RedisBackend):
+            return
+        pool = backend.client.connection_pool  # a cached property: made once, kept
+        if type(backend) is not redis_backends.RedisBackend:
+            return
+        connection = pool.connection_class(
+            **dict(pool.connection_kwargs, socket_connect_timeout=0.5, socket_timeout=0.5))
     except Exception:  # as stock: whatever is wrong shows at the first stored result
         logger.debug("Redis result client not made before the fork", exc_info=True)
+        return
+    try:
+        connection.connect()
+    except Exception:  # unreachable at start-up: the children say so when they store
+        logger.debug("Redis result backend not reached before the fork", exc_info=True)
+    finally:
+        connection.disconnect()
 
 
 def _lean_pdeathsig():
@@ -338,41 +361,6 @@ def _check_backend(app):
     except Exception as exc:  # any failure is the answer
         return {"ok": False, "detail": f"{where}: {exc!r}"}
     return {"ok": True, "detail": f"{where} answers"}
-
-
-def _settle_first_task_state(app):
-    """What each pool child's first task would otherwise set up for itself, done here once so
-    the children share it (measured at 0.6 MiB a child with the Redis result backend):
-
-    - ``app.timezone``, a cached property the first stored result reads (``app.now()``): it
-      loads the zone's data and fills zoneinfo's and the configuration's caches.
-    - One connection to a plain Redis result backend, opened and closed: redis-py's first
-      connection of a process fills module-level state (its observability and maintenance
-      handlers' singletons, the abc and typing caches its checks go through). The connection
-      is a throwaway with a half-second timeout, outside the client's pool; the children
-      open their own as before.
-
-    Any failure is left for the first task to meet, where stock meets it."""
-    try:
-        app.timezone  # noqa: B018 (a cached property)
-    except Exception:
-        logger.debug("app.timezone not settled before the fork", exc_info=True)
-    redis_backends = sys.modules.get("celery.backends.redis")
-    try:
-        if redis_backends is None or type(app.backend) is not redis_backends.RedisBackend:
-            return
-        pool = app.backend.client.connection_pool
-        kwargs = dict(pool.connection_kwargs, socket_connect_timeout=0.5, socket_timeout=0.5)
-        connection = pool.connection_class(**kwargs)
-    except Exception:
-        logger.debug("no Redis result connection made before the fork", exc_info=True)
-        return
-    try:
-        connection.connect()
-    except Exception:  # unreachable at start-up: the children say so when they store
-        logger.debug("Redis result backend not reached before the fork", exc_info=True)
-    finally:
-        connection.disconnect()
 
 
 def _include(app, include):

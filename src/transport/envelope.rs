@@ -26,9 +26,7 @@ pub fn decode_or_discard(raw: &str, queue: &str, source: &str) -> Option<Deliver
 
 /// A pidbox broadcast (`Mailbox._broadcast`): clock 1, expiring after `timeout`.
 pub fn broadcast_request(body: &Value, exchange: &str, timeout: std::time::Duration) -> String {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    let headers = serde_json::json!({"clock": 1, "expires": now + timeout.as_secs_f64()});
+    let headers = serde_json::json!({"clock": 1, "expires": super::now_secs() + timeout.as_secs_f64()});
     encode_json(body, headers, exchange, "", 2)
 }
 

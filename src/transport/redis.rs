@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::{AsyncCommands, Script};
@@ -17,8 +17,8 @@ use tracing::{debug, error, info, warn};
 
 use super::envelope::{self, decode_envelope, mark_redelivered};
 use super::{
-    control_request, ControlEvent, Delivery, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle, Transport,
-    TransportError,
+    control_request, now_secs, ControlEvent, Delivery, Incoming, Mailbox, PeerEvent, QueueSpec, ReplyTo, Settle,
+    Transport, TransportError,
 };
 
 const SEP: &str = "\x06\x16";
@@ -264,10 +264,6 @@ fn open_client(url: &str, tls: Option<&RedisTls>) -> Result<redis::Client, Trans
         return Ok(redis::Client::open(base)?); // the system's roots
     }
     Ok(redis::Client::build_with_tls(base, redis::TlsCertificates { client_tls, root_cert })?)
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// `Channel._q_for_pri`: priority step 0 is the bare queue name.
