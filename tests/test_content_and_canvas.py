@@ -61,6 +61,17 @@ def test_custom_headers_reach_the_request_as_stock_decodes_them(worker):
         assert out == {"h_when": ["datetime", repr(when)], "h_text": ["str", "'x'"]}
 
 
+def test_request_headers_hold_only_the_messages_own_headers(worker):
+    """`self.request.headers` as Celery's Context makes it: the headers Celery does not know,
+    or None. Each case runs twice: the child remembers which names are Celery's."""
+    worker(WORKER).wait_ready()
+    for _ in range(2):
+        assert testapp.request_headers.delay().get(timeout=10) is None
+        custom = {"x-trace": "abc", "h_n": 5}
+        assert testapp.request_headers.apply_async(headers=custom).get(timeout=10) == custom
+        assert testapp.request_headers.apply_async(headers={"x-other": [1]}).get(timeout=10) == {"x-other": [1]}
+
+
 def test_pickle_when_accepted(worker):
     worker(WORKER, env={"TESTAPP_ACCEPT": "json,pickle", "C_FORCE_ROOT": "1"}).wait_ready()
     assert testapp.add.apply_async((40, 2), serializer="pickle").get(timeout=10) == 42

@@ -387,6 +387,59 @@ def run(fd, index, app, hostname, options, process_index=None):
     return code
 
 
+def _memoize_custom_headers():
+    """Make ``Context._get_custom_headers`` cheap for the header names it has seen.
+
+    Celery's tracer builds a ``Context`` for every task, and the Context's ``headers`` (the
+    message's own, non-Celery headers) come from copying the request and popping each of the
+    ~55 names Celery knows, a set rebuilt on every call: a sixth of the tracer's time for a
+    no-op task. The outcome depends only on which names are there, so Celery's own method
+    decides once for each name, and later calls reuse its verdicts: the same dict (or None)
+    for ~2 us less per task. Left as it is if Celery's method does not behave as a filter on
+    names (another Celery version)."""
+    from celery.app.task import Context
+
+    original = Context.__dict__.get("_get_custom_headers")
+    if original is None or not _filters_names(original, Context):
+        return
+    seen, custom = set(), set()
+
+    def _get_custom_headers(self, *args, **kwargs):
+        headers = {}
+        headers.update(*args, **kwargs)
+        if headers.keys() <= seen:
+            if headers.keys().isdisjoint(custom):
+                return None
+            return {key: value for key, value in headers.items() if key in custom}
+        verdict = original(self, *args, **kwargs)
+        if len(seen) < _MAX_HEADER_NAMES:  # names from messages: a bound on what is kept
+            kept = verdict.keys() if verdict else ()
+            for key in headers:
+                seen.add(key)
+                if key in kept:
+                    custom.add(key)
+        return verdict
+
+    Context._get_custom_headers = _get_custom_headers
+
+
+_MAX_HEADER_NAMES = 4096
+
+
+def _filters_names(method, context_class):
+    """Does ``method`` return its input without Celery's own names, values untouched (None if
+    nothing is left)?"""
+    ours, theirs = object(), object()
+    probe = {name: ours for name in context_class.__dict__ if not name.startswith("__")}
+    probe["x-celeriac-probe"] = theirs
+    try:
+        kept = method(context_class.__new__(context_class), probe)
+        nothing = method(context_class.__new__(context_class), {"id": ours})
+    except Exception:
+        return False
+    return kept == {"x-celeriac-probe": theirs} and kept["x-celeriac-probe"] is theirs and nothing is None
+
+
 class _LazyTracer:
     """Stands in for a task's tracer until the task first runs in this child, then builds it
     with the same arguments and puts the real one in its place.
@@ -421,6 +474,7 @@ def _initialize_child(app, hostname):
     ``app.log.setup`` would only redo what the child inherited: stdout/stderr proxies like
     the ones it has, the same environment variables, warning filters already in place; and
     doing so writes into ~0.3 MiB of pages each child shares with the zygote."""
+    _memoize_custom_headers()
     build = trace.build_tracer
     trace.build_tracer = lambda *args, **kwargs: _LazyTracer(build, args, kwargs)
     log = app.log

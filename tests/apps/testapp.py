@@ -463,3 +463,9 @@ def on_error(request, exc, traceback):
 def header_values(self, *names):
     """Custom message headers as the task sees them on its request: (type name, repr) each."""
     return {n: [type(getattr(self.request, n, None)).__name__, repr(getattr(self.request, n, None))] for n in names}
+
+
+@app.task(bind=True)
+def request_headers(self):
+    """The request's `headers`: the message's own headers, without Celery's (None if none)."""
+    return self.request.headers
