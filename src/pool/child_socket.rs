@@ -6,6 +6,7 @@
 //! child read woke the supervisor's reactor for nothing: one wasted wake-up per task, often
 //! while the supervisor was asleep. A child's receive buffer holds many frames, so a write
 //! almost never waits; when it must, the writer registers for write readiness just for that.
+//! The reader also counts a short read as the socket emptied, so a report costs one read.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -40,9 +41,16 @@ impl AsyncRead for ChildReader {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let wanted = buf.remaining();
             match guard.try_io(|fd| fd.get_ref().read(buf.initialize_unfilled())) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
+                    if n > 0 && n < wanted {
+                        // A short read emptied the socket: wait for the next edge now rather
+                        // than learn it from one more read failing with EAGAIN (one system
+                        // call per report). Tokio keeps the readiness if an edge came since.
+                        guard.clear_ready();
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
