@@ -77,12 +77,12 @@ pub enum ControlEvent {
     Request(Value, u64),
 }
 
-/// A pidbox request as `kombu.pidbox.Mailbox._broadcast` publishes it, and its ticket.
 /// The wall clock as Unix seconds, as kombu and Celery stamp time (`time.time()`).
 pub fn now_secs() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
+/// A pidbox request as `kombu.pidbox.Mailbox._broadcast` publishes it, and its ticket.
 pub fn control_request(method: &str, arguments: Value, reply_exchange: &str, oid: &str) -> (Value, String) {
     let ticket = uuid::Uuid::new_v4().to_string();
     let body = serde_json::json!({
