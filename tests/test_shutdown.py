@@ -10,7 +10,7 @@ import pytest
 from billiard.exceptions import WorkerLostError
 
 import testapp
-from conftest import wait_started
+from conftest import wait_started, wait_until
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multiplier", "4"]
 
@@ -20,11 +20,11 @@ WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "1", "--prefetch-multip
 def test_warm_shutdown_finishes_running_and_gives_back_prefetched(worker, broker):
     w = worker(WORKER).wait_ready()
     marker = f"m:{uuid.uuid4()}"
-    running = testapp.sleep.delay(1.5, marker)
+    running = testapp.sleep.delay(3.0, marker)
     waiting = [testapp.add.delay(i, i) for i in range(3)]
     wait_started(marker)
-    time.sleep(0.2)
-    assert broker.unacked() == 3  # prefetched behind the running task
+    # Prefetched behind the running task, which lasts long enough for a slow `rabbitmqctl`.
+    wait_until(lambda: broker.unacked() == 3, timeout=2.5, what="three prefetched")
     w.signal(signal.SIGTERM)
     w.wait_for("Warm shutdown")
     time.sleep(0.3)
@@ -35,7 +35,7 @@ def test_warm_shutdown_finishes_running_and_gives_back_prefetched(worker, broker
         first = json.loads(broker.redis.lindex("celery", -1))
         assert first["properties"]["delivery_info"]["redelivered"] is True
     assert w.wait_exit(20) == 0
-    assert running.get(timeout=5) == 1.5  # the running task finished
+    assert running.get(timeout=5) == 3.0  # the running task finished
     assert all(r.state == "PENDING" for r in waiting)
     # Another worker picks them up.
     worker(WORKER).wait_ready()

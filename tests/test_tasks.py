@@ -8,7 +8,7 @@ import pytest
 from celery import chain, chord, group
 
 import testapp
-from conftest import only_on, producer_app, wait_until
+from conftest import only_on, producer_app, wait_started, wait_until
 
 WORKER = ["-A", "testapp", "worker", "-l", "info", "-c", "2"]
 
@@ -101,13 +101,13 @@ def test_tasks_read_devnull_and_print_to_the_log(worker, tmp_path):
 def test_countdown_waits_and_runs(worker, broker):
     worker(WORKER).wait_ready()
     start = time.time()
-    r = testapp.add.apply_async((1, 2), countdown=1.5)
-    time.sleep(0.5)
-    # Held unacked while waiting: recorded in kombu's unacked hash, not yet run.
+    r = testapp.add.apply_async((1, 2), countdown=4)
+    # Held unacked while waiting (in kombu's unacked hash on Redis), not yet run. The countdown
+    # leaves room for a slow `rabbitmqctl` on a loaded machine.
+    wait_until(lambda: broker.unacked() == 1, timeout=3, what="the waiting task held unacked")
     assert r.state == "PENDING"
-    assert broker.unacked() == 1
     assert r.get(timeout=10) == 3
-    assert time.time() - start >= 1.4
+    assert time.time() - start >= 3.9
 
 
 def test_retry_then_success(worker):
@@ -191,21 +191,22 @@ def test_early_ack_acks_at_start(worker, broker):
 def test_acks_late_global_setting(worker, broker):
     worker(WORKER, env={"TESTAPP_ACKS_LATE": "1"}).wait_ready()
     marker = f"m:{uuid.uuid4()}"
-    r = testapp.sleep.delay(1.0, marker)
-    deadline = time.time() + 10
-    while time.time() < deadline and testapp._redis().lrange(marker, 0, -1) != [b"start"]:
-        time.sleep(0.02)
-    assert broker.unacked() == 1
-    assert r.get(timeout=10) == 1.0
+    r = testapp.sleep.delay(3.0, marker)
+    wait_started(marker)
+    # Unacked while it runs; the task lasts long enough for a slow `rabbitmqctl` to see it.
+    wait_until(lambda: broker.unacked() == 1, timeout=2.5, what="the running task held unacked")
+    assert r.get(timeout=10) == 3.0
 
 
 def test_prefetch_limits_unacked(worker, broker):
     # -c 1 × multiplier 2: one running (acked early) + at most 2 held.
     worker(["-A", "testapp", "worker", "-c", "1", "--prefetch-multiplier", "2", "-l", "info"]).wait_ready()
-    results = [testapp.sleep.delay(2.0) for _ in range(4)]
-    # One running (acked when it started), two prefetched, one left in the queue; RabbitMQ's
-    # counters may take a moment to show it.
-    wait_until(lambda: (broker.unacked(), broker.ready("celery")) == (2, 1), timeout=1.5, interval=0.1,
+    marker = f"m:{uuid.uuid4()}"
+    results = [testapp.sleep.delay(5.0, marker)] + [testapp.sleep.delay(0.1) for _ in range(3)]
+    wait_started(marker)
+    # While the first runs (acked when it started): two prefetched, one left in the queue. It runs
+    # long enough for RabbitMQ's counters, read by a slow `rabbitmqctl`, to show that.
+    wait_until(lambda: (broker.unacked(), broker.ready("celery")) == (2, 1), timeout=4, interval=0.1,
                what=lambda: f"2 unacked and 1 ready (saw {(broker.unacked(), broker.ready('celery'))})")
     for r in results:
         r.get(timeout=20)
