@@ -1,7 +1,8 @@
 //! Settling deliveries off the hot path: acks and rejects are batched into one broker round
 //! trip each time the consumer hands over more than one. An early ack (`acks_late=False`) may
 //! wait a moment (`EARLY_ACK_DELAY`) while the prefetch window has room, so the broker's work
-//! on it does not take the CPU from the child starting that very task.
+//! on it does not take the CPU from the child starting that very task. A batch's prefetch slots
+//! go back once its settlement is on its way to the broker, not after the broker's reply.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,16 +62,44 @@ pub async fn run<T: Transport>(transport: Arc<T>, mut ops: mpsc::UnboundedReceiv
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let permits = batch.iter().filter(|op| op.frees_slot).count();
+        let mut permits = Some(batch.iter().filter(|op| op.frees_slot).count());
         let settles: Vec<Settle> = batch.into_iter().map(|op| op.settle).collect();
         let mut delay = Duration::from_millis(100);
         // Keep trying: an ack that never reaches the broker means a duplicate run later.
-        while let Err(e) = transport.settle(settles.clone()).await {
-            error!("Could not acknowledge {} message(s): {e}. Retrying in {:.1}s", settles.len(), delay.as_secs_f64());
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+        loop {
+            let settled = transport.settle(settles.clone());
+            tokio::pin!(settled);
+            let outcome = match futures_lite::future::poll_once(&mut settled).await {
+                Some(outcome) => outcome,
+                None => {
+                    // The acks are on their way (handed to the connection): their slots go
+                    // back now, as on RabbitMQ, where an ack has no reply. Waiting for Redis's
+                    // reply kept them from the next take for another round trip.
+                    free_slots(&window, &mut permits);
+                    settled.await
+                }
+            };
+            match outcome {
+                Ok(()) => break,
+                Err(e) => {
+                    error!(
+                        "Could not acknowledge {} message(s): {e}. Retrying in {:.1}s",
+                        settles.len(),
+                        delay.as_secs_f64()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
         }
-        window.add_permits(permits);
+        free_slots(&window, &mut permits);
+    }
+}
+
+/// Give a batch's prefetch slots back, once.
+fn free_slots(window: &Semaphore, permits: &mut Option<usize>) {
+    if let Some(n) = permits.take() {
+        window.add_permits(n);
     }
 }
 
