@@ -201,6 +201,8 @@ def test_acks_late_global_setting(worker, broker):
 def test_prefetch_limits_unacked(worker, broker):
     # -c 1 × multiplier 2: one running (acked early) + at most 2 held.
     worker(["-A", "testapp", "worker", "-c", "1", "--prefetch-multiplier", "2", "-l", "info"]).wait_ready()
+    # Hundreds of acks first: each gives its slot back exactly once, so the window is still 2.
+    assert group(testapp.add.s(i, i) for i in range(300))().get(timeout=30) == [2 * i for i in range(300)]
     marker = f"m:{uuid.uuid4()}"
     results = [testapp.sleep.delay(5.0, marker)] + [testapp.sleep.delay(0.1) for _ in range(3)]
     wait_started(marker)
