@@ -232,7 +232,9 @@ pub trait Transport: Send + Sync + 'static {
         stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()>;
 
-    /// Settle a batch of deliveries. Each settled delivery gives one permit back to `window`.
+    /// Settle a batch of deliveries. Each settled delivery gives one permit back to `window`:
+    /// the acker does so once the returned future, first polled, is pending or done, so an
+    /// implementation should have handed the batch to its connection by then.
     fn settle(&self, batch: Vec<Settle>) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Shutdown: give back every delivery still held (to the front of its queue) and close
