@@ -753,18 +753,15 @@ impl Consumer {
                         }
                         continue;
                     }
-                    let bytes = ChildMeta::task_frame(&request.delivery, &request.message, &self.settings.hostname);
-                    request.delivery.body = Vec::new(); // the child has it now
-                    bytes
+                    // The body stays with the request until the write succeeded
+                    // (`on_job_started` drops it): a failed write hands it to another child.
+                    ChildMeta::task_frame(&request.delivery, &request.message, &self.settings.hostname)
                 }
                 Job::Record(record) => frame::encode(Kind::MarkFailure, record.to_string().as_bytes()),
             };
             if let Err(e) = self.pool.send(index, &bytes).await {
                 // The child is going away; its Gone event will follow. Keep the job.
                 warn!("{e}; handing the job to another child");
-                if let Job::Task(request) = &mut job {
-                    request.restore_body(&bytes);
-                }
                 self.ready.push_front(job);
                 continue;
             }

@@ -95,17 +95,6 @@ impl Request {
             "worker_pid": worker_pid,
         })
     }
-
-    /// Put the body back from an encoded TASK frame whose write failed.
-    pub fn restore_body(&mut self, task_frame: &[u8]) {
-        // frame: u32 len | kind | u32 meta len | meta | body
-        if task_frame.len() >= 9 {
-            let meta_len = u32::from_be_bytes([task_frame[5], task_frame[6], task_frame[7], task_frame[8]]) as usize;
-            if let Some(body) = task_frame.get(9 + meta_len..) {
-                self.delivery.body = body.to_vec();
-            }
-        }
-    }
 }
 
 /// Work for a pool child.
