@@ -164,6 +164,17 @@ def test_pool_children_killed_mid_task_repeatedly(worker, broker, backend, late)
     assert testapp.add.delay(1, 1).get(timeout=10) == 2
 
 
+def test_a_task_whose_write_to_a_dying_child_fails_runs_whole_in_the_next(worker):
+    """The supervisor hands an idle child a task just as the child goes away (its socket
+    closed for reading): the write fails, and the task, body and all, runs in the next child."""
+    w = worker(["-A", "testapp", "worker", "-l", "info", "-c", "1"]).wait_ready()
+    cut = testapp.cut_own_pool_socket.delay(0.5)
+    r = testapp.add.delay(20, 22)  # waits for the only child, then is written to its cut socket
+    assert cut.get(timeout=20) >= 1
+    assert r.get(timeout=20) == 42
+    assert "handing the job to another child" in w.log()
+
+
 @pytest.mark.parametrize("late", [False, True], ids=["early-ack", "acks-late"])
 def test_worker_killed_under_load_then_restarted(worker, broker, backend, late):
     """Fault 2. SIGKILL of the whole worker twice under load; a third drains the rest. What the

@@ -469,3 +469,30 @@ def header_values(self, *names):
 def request_headers(self):
     """The request's `headers`: the message's own headers, without Celery's (None if none)."""
     return self.request.headers
+
+
+@app.task
+def cut_own_pool_socket(seconds):
+    """Shut the reading side of this pool child's socket to the supervisor, as a dying child
+    leaves it: the supervisor's next write to this child fails (EPIPE). Returns how many
+    sockets were cut."""
+    import socket
+    import stat
+
+    cut = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if sock.family == socket.AF_UNIX:
+                sock.shutdown(socket.SHUT_RD)
+                cut += 1
+        finally:
+            sock.close()  # the duplicate only
+    time.sleep(seconds)
+    return cut
