@@ -62,7 +62,8 @@ pub async fn run<T: Transport>(transport: Arc<T>, mut ops: mpsc::UnboundedReceiv
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let mut permits = Some(batch.iter().filter(|op| op.frees_slot).count());
+        // Taken (left at 0) when given back, so the slots go back once.
+        let mut slots = batch.iter().filter(|op| op.frees_slot).count();
         let settles: Vec<Settle> = batch.into_iter().map(|op| op.settle).collect();
         let mut delay = Duration::from_millis(100);
         // Keep trying: an ack that never reaches the broker means a duplicate run later.
@@ -75,7 +76,7 @@ pub async fn run<T: Transport>(transport: Arc<T>, mut ops: mpsc::UnboundedReceiv
                     // The acks are on their way (handed to the connection): their slots go
                     // back now, as on RabbitMQ, where an ack has no reply. Waiting for Redis's
                     // reply kept them from the next take for another round trip.
-                    free_slots(&window, &mut permits);
+                    window.add_permits(std::mem::take(&mut slots));
                     settled.await
                 }
             };
@@ -92,14 +93,7 @@ pub async fn run<T: Transport>(transport: Arc<T>, mut ops: mpsc::UnboundedReceiv
                 }
             }
         }
-        free_slots(&window, &mut permits);
-    }
-}
-
-/// Give a batch's prefetch slots back, once.
-fn free_slots(window: &Semaphore, permits: &mut Option<usize>) {
-    if let Some(n) = permits.take() {
-        window.add_permits(n);
+        window.add_permits(slots);
     }
 }
 
