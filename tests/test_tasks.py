@@ -165,11 +165,7 @@ def test_acks_late_per_task_acks_after_return(worker, broker):
     # Long enough for rabbitmqctl, which can take over a second on a busy machine, to answer
     # while the task still runs.
     r = testapp.late_sleep.delay(3.0, marker)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        if testapp._redis().lrange(marker, 0, -1) == [b"start"]:
-            break
-        time.sleep(0.02)
+    wait_started(marker)
     assert broker.unacked() == 1  # still unacked while running
     assert r.get(timeout=10) == 3.0
     time.sleep(0.2)
@@ -180,9 +176,7 @@ def test_early_ack_acks_at_start(worker, broker):
     worker(WORKER).wait_ready()
     marker = f"m:{uuid.uuid4()}"
     r = testapp.sleep.delay(1.0, marker)
-    deadline = time.time() + 10
-    while time.time() < deadline and testapp._redis().lrange(marker, 0, -1) != [b"start"]:
-        time.sleep(0.02)
+    wait_started(marker)
     time.sleep(0.1)
     assert broker.unacked() == 0  # acked when the child started it
     assert r.get(timeout=10) == 1.0
