@@ -192,6 +192,18 @@ def test_acks_late_global_setting(worker, broker):
     assert r.get(timeout=10) == 3.0
 
 
+def test_tasks_taken_one_at_a_time_leave_nothing_unacked(worker, broker):
+    # Each task reaches an idle worker alone (on Redis: BRPOP, whose unacked record goes out once
+    # the task is on its way to a child) and is acked late, right after it returns: every record
+    # must be gone with its ack, none may land after it.
+    worker(WORKER, env={"TESTAPP_ACKS_LATE": "1"}).wait_ready()
+    for i in range(100):
+        assert testapp.add.delay(i, i).get(timeout=10) == 2 * i
+    wait_until(lambda: broker.unacked() == 0, timeout=5, what="nothing left unacknowledged")
+    if broker.kind == "redis":
+        assert broker.redis.zcard("unacked_index") == 0
+
+
 def test_prefetch_limits_unacked(worker, broker):
     # -c 1 × multiplier 2: one running (acked early) + at most 2 held.
     worker(["-A", "testapp", "worker", "-c", "1", "--prefetch-multiplier", "2", "-l", "info"]).wait_ready()

@@ -349,24 +349,39 @@ impl RedisTransport {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Record a delivery in the unacked hash and index (`QoS.append`), before any task code.
-    async fn record_unacked(
-        &self,
-        conn: &mut MultiplexedConnection,
-        d: &Delivery,
-        raw: &str,
-    ) -> Result<(), TransportError> {
+    /// The unacked record (`QoS.append`: hash and index) of a delivery BRPOP popped.
+    fn unacked_record(&self, d: &Delivery, raw: &str) -> redis::Pipeline {
         let stored =
             format!("[{raw}, {}, {}]", Value::String(d.exchange.clone()), Value::String(d.routing_key.clone()));
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .zadd(self.key(&self.opts.unacked_index_key), &d.tag, now_secs())
             .ignore()
             .hset(self.key(&self.opts.unacked_key), &d.tag, stored)
-            .ignore()
-            .query_async::<()>(conn)
-            .await?;
-        Ok(())
+            .ignore();
+        pipe
+    }
+
+    /// Send an unacked record on the connection acks go through, so Redis applies it before
+    /// the delivery's ack; return once it is on that connection, its reply awaited in the
+    /// background: the task does not wait a round trip for it.
+    async fn record_unacked(&self, record: redis::Pipeline, tag: String) {
+        let mut conn = self.conn.clone();
+        let mut recorded = Box::pin(async move { record.query_async::<()>(&mut conn).await });
+        let failed = |tag: &str, e: redis::RedisError| {
+            error!("Could not record delivery {tag} as unacked ({e}); it runs, unrecorded until its ack")
+        };
+        match futures_lite::future::poll_once(&mut recorded).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => failed(&tag, e),
+            None => {
+                tokio::spawn(async move {
+                    if let Err(e) = recorded.await {
+                        failed(&tag, e);
+                    }
+                });
+            }
+        }
     }
 
     /// Take up to `max` waiting messages from `keys` (full key names, BRPOP's order) and record
@@ -486,17 +501,19 @@ impl RedisTransport {
             }
             return Handed::Skipped;
         };
-        if recorded.as_deref() != Some(delivery.tag.as_str()) {
-            if let Err(e) = self.record_unacked(c, &delivery, &raw).await {
-                // The message is in hand but unrecorded: put it back rather than lose it.
-                error!("Could not record delivery {} as unacked ({e}); putting it back", delivery.tag);
-                let _: Result<(), _> = c.rpush(full_key, &raw).await;
-                return Handed::Unrecorded;
-            }
-        }
+        // Popped by BRPOP, not recorded yet: recorded once the task is on its way to a child
+        // (see `record_unacked`); a crash in between loses it, as one right after the pop would.
+        let record = (recorded.as_deref() != Some(delivery.tag.as_str()))
+            .then(|| (self.unacked_record(&delivery, &raw), delivery.tag.clone()));
         let priority = envelope_priority(&delivery.properties);
         self.held().insert(delivery.tag.clone(), Held { queue, priority, envelope: raw });
-        if deliveries.send(Incoming::Delivery(Box::new(delivery))).await.is_err() {
+        let sent = deliveries.send(Incoming::Delivery(Box::new(delivery))).await;
+        // No await between the send and the record going out: the consumer cannot have the
+        // delivery yet, so its ack follows the record on the connection.
+        if let Some((record, tag)) = record {
+            self.record_unacked(record, tag).await;
+        }
+        if sent.is_err() {
             return Handed::ConsumerGone;
         }
         Handed::Delivered
@@ -637,8 +654,6 @@ enum Handed {
     /// Not for this worker (cancelled queue, not an envelope): its slot stays free.
     Skipped,
     ConsumerGone,
-    /// Could not be recorded as unacked (the connection failed): put back.
-    Unrecorded,
 }
 
 /// What a fanout subscription hands on.
@@ -805,7 +820,7 @@ impl Transport for RedisTransport {
                                 match self.hand_over(c, &key, raw, recorded, &mut names, &deliveries).await {
                                     Handed::Delivered => permit.forget(),
                                     Handed::ConsumerGone => return,
-                                    Handed::Skipped | Handed::Unrecorded => {}
+                                    Handed::Skipped => {}
                                 }
                             }
                             continue;
@@ -846,7 +861,6 @@ impl Transport for RedisTransport {
                     }
                     self.follow_queue_changes(&mut queues, &mut names).await;
                     let mut taken = taken.into_iter();
-                    let mut lost = false;
                     for ((key, raw, recorded), permit) in taken.by_ref().zip(permits) {
                         match self.hand_over(c, &key, raw, recorded, &mut names, &deliveries).await {
                             Handed::Delivered => permit.forget(),
@@ -855,17 +869,7 @@ impl Transport for RedisTransport {
                                 self.put_back(c, taken.collect()).await;
                                 return;
                             }
-                            Handed::Unrecorded => {
-                                lost = true;
-                                break;
-                            }
                         }
-                    }
-                    if lost {
-                        // Best effort: what the take recorded but was not handed over goes back
-                        // (if Redis is gone, the unacked records bring it back later).
-                        self.put_back(c, taken.collect()).await;
-                        conn = None;
                     }
                     continue;
                 }
@@ -912,7 +916,6 @@ impl Transport for RedisTransport {
                     Handed::Delivered => permit.forget(),
                     Handed::Skipped => {}
                     Handed::ConsumerGone => return,
-                    Handed::Unrecorded => conn = None,
                 }
             }
         })
