@@ -349,8 +349,10 @@ impl RedisTransport {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The unacked record (`QoS.append`: hash and index) of a delivery BRPOP popped.
-    fn unacked_record(&self, d: &Delivery, raw: &str) -> redis::Pipeline {
+    /// The unacked record (`QoS.append`: hash and index) of a delivery BRPOP popped, to be sent
+    /// on the connection acks go through, so Redis applies it before the delivery's ack. Nothing
+    /// is sent until it is polled; it logs its own failure.
+    fn unacked_record(&self, d: &Delivery, raw: &str) -> impl std::future::Future<Output = ()> + Send + 'static {
         let stored =
             format!("[{raw}, {}, {}]", Value::String(d.exchange.clone()), Value::String(d.routing_key.clone()));
         let mut pipe = redis::pipe();
@@ -359,27 +361,11 @@ impl RedisTransport {
             .ignore()
             .hset(self.key(&self.opts.unacked_key), &d.tag, stored)
             .ignore();
-        pipe
-    }
-
-    /// Send an unacked record on the connection acks go through, so Redis applies it before
-    /// the delivery's ack; return once it is on that connection, its reply awaited in the
-    /// background: the task does not wait a round trip for it.
-    async fn record_unacked(&self, record: redis::Pipeline, tag: String) {
         let mut conn = self.conn.clone();
-        let mut recorded = Box::pin(async move { record.query_async::<()>(&mut conn).await });
-        let failed = |tag: &str, e: redis::RedisError| {
-            error!("Could not record delivery {tag} as unacked ({e}); it runs, unrecorded until its ack")
-        };
-        match futures_lite::future::poll_once(&mut recorded).await {
-            Some(Ok(())) => {}
-            Some(Err(e)) => failed(&tag, e),
-            None => {
-                tokio::spawn(async move {
-                    if let Err(e) = recorded.await {
-                        failed(&tag, e);
-                    }
-                });
+        let tag = d.tag.clone();
+        async move {
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                error!("Could not record delivery {tag} as unacked ({e}); it runs, unrecorded until its ack");
             }
         }
     }
@@ -433,7 +419,7 @@ impl RedisTransport {
         let mut taken = Vec::with_capacity(flat.len() / 3);
         let mut parts = flat.into_iter();
         while let (Some(key), Some(stored), Some(tag)) = (parts.next(), parts.next(), parts.next()) {
-            // The record is `[envelope, exchange, routing_key]` (`record_unacked`).
+            // The record is `[envelope, exchange, routing_key]` (`unacked_record`).
             match serde_json::from_str::<Value>(&stored) {
                 Ok(Value::Array(mut record)) if !record.is_empty() => {
                     taken.push((key, record.swap_remove(0).to_string(), Some(tag)))
@@ -501,17 +487,20 @@ impl RedisTransport {
             }
             return Handed::Skipped;
         };
-        // Popped by BRPOP, not recorded yet: recorded once the task is on its way to a child
-        // (see `record_unacked`); a crash in between loses it, as one right after the pop would.
-        let record = (recorded.as_deref() != Some(delivery.tag.as_str()))
-            .then(|| (self.unacked_record(&delivery, &raw), delivery.tag.clone()));
+        // Popped by BRPOP, not recorded yet: recorded once the task is on its way to a child;
+        // a crash in between loses it, as one right after the pop would.
+        let record = (recorded.as_deref() != Some(delivery.tag.as_str())).then(|| self.unacked_record(&delivery, &raw));
         let priority = envelope_priority(&delivery.properties);
         self.held().insert(delivery.tag.clone(), Held { queue, priority, envelope: raw });
         let sent = deliveries.send(Incoming::Delivery(Box::new(delivery))).await;
-        // No await between the send and the record going out: the consumer cannot have the
-        // delivery yet, so its ack follows the record on the connection.
-        if let Some((record, tag)) = record {
-            self.record_unacked(record, tag).await;
+        if let Some(record) = record {
+            // Polled once with no await since the send, so it is on the connection before the
+            // consumer can have the delivery (its ack follows it); the reply is awaited in the
+            // background: the task does not wait a round trip for it.
+            let mut record = Box::pin(record);
+            if futures_lite::future::poll_once(&mut record).await.is_none() {
+                tokio::spawn(record);
+            }
         }
         if sent.is_err() {
             return Handed::ConsumerGone;
