@@ -20,7 +20,8 @@ same pre-filled queue and the same way of seeing completions:
              from apply_async's return (the message is in the broker) to the task's end (it
              RPUSHes its id and the time); p50/p99. Also the floor: the bare consumer fed the
              same way, from apply_async's return to the delivery in its hands (no worker can
-             be faster).
+             be faster), and on RabbitMQ the same through a plain py-amqp consumer
+             (bench/pyamqp_floor.py), to tell the broker's share from the client's.
   roundtrip  `add.delay(1, 1).get()` in a loop against a running worker; median ms per call.
   startup    one task waiting; from starting the worker (default flags, so mingle runs) until
              its result is stored.
@@ -292,10 +293,13 @@ class Worker:
         flags = list(FLAGS)
         flags[flags.index("-c") + 1] = str(concurrency)
         cmd = [sys.executable, "-m", "celery"] if kind == "stock" else [str(binary)]
+        if kind == "pyamqp":
+            cmd, flags = [sys.executable, str(BENCH / "pyamqp_floor.py"), broker_url], []
         if kind == "bare":
             flags.append("--bare-consumer")
         # A node name of its own: RabbitMQ drops the last worker's exclusive mailbox a moment late.
-        flags += ["-n", f"{kind}-{uuid4().hex[:8]}@%h"]
+        if kind != "pyamqp":
+            flags += ["-n", f"{kind}-{uuid4().hex[:8]}@%h"]
         env = dict(os.environ, BENCH_BROKER=broker_url, BENCH_BACKEND=BACKEND, VIRTUAL_ENV=str(ROOT / ".venv"),
                    PYTHONPATH=str(BENCH))
         self.kind = kind
@@ -465,13 +469,15 @@ def latency(broker, ctx, kind):
     return dict(r, problems=w.stop())
 
 
-def latency_floor(broker, ctx):
+def latency_floor(broker, ctx, kind="bare"):
     """The same paced stamp tasks taken by the bare consumer (celeriac's transport and acker, no
     Python, no pool), from apply_async's return to the delivery in its hands: what the broker,
-    the producer and the machine leave for any worker."""
+    the producer and the machine leave for any worker. With kind "pyamqp", by a plain py-amqp
+    consumer (bench/pyamqp_floor.py) instead: the same floor through stock's client."""
     broker.purge()
     stamps = FileStamps(Path(ctx.logdir) / f"stamps-{uuid4().hex[:8]}.txt")
-    w = Worker("bare", ctx.binary, broker.url, ctx.logdir, extra=["--bare-stamps", str(stamps.path)])
+    extra = [str(stamps.path)] if kind == "pyamqp" else ["--bare-stamps", str(stamps.path)]
+    w = Worker(kind, ctx.binary, broker.url, ctx.logdir, extra=extra)
     r = paced_latency(ctx, w, stamps)
     w.stop()
     stamps.path.unlink()
@@ -649,7 +655,7 @@ def verdict(better, ratio, target):
     return f"{want} {'met' if met else 'NOT met'}"
 
 
-def report(broker_kind, results, bare_rates, floors=()):
+def report(broker_kind, results, bare_rates, floors=(), py_floors=()):
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     rounds = max((len(v) for v in results["stock"].values()), default=0)
     print(f"\n{broker_kind}: medians of {rounds} round(s)")
@@ -676,6 +682,9 @@ def report(broker_kind, results, bare_rates, floors=()):
     if floors:
         p50, p99 = med([f["p50"] for f in floors]), med([f["p99"] for f in floors])
         print(f"{'bare consumer at 200/s, p50 / p99 ms':38} {'':>10} {p50:>5.2f}/{p99:.2f}  (the floor: no task runs)")
+    if py_floors:
+        p50, p99 = med([f["p50"] for f in py_floors]), med([f["p99"] for f in py_floors])
+        print(f"{'py-amqp consumer at 200/s, p50 / p99':38} {'':>10} {p50:>5.2f}/{p99:.2f}  (the same floor, stock's client)")
 
 
 class Context:
@@ -728,7 +737,7 @@ def main():
         ctx.app = benchapp(BROKER_URLS[broker_kind])
         broker = RedisBroker(ctx.app) if broker_kind == "redis" else AmqpBroker(ctx.app)
         results = {"stock": {}, "celeriac": {}}
-        bare_rates, floors = [], []
+        bare_rates, floors, py_floors = [], [], []
         for rnd in range(1, args.rounds + 1):
             order = ("stock", "celeriac") if rnd % 2 else ("celeriac", "stock")
             for scenario in scenarios:
@@ -747,7 +756,10 @@ def main():
                 if scenario == "latency":
                     floors.append(latency_floor(broker, ctx))
                     print(f"  {broker_kind} round {rnd} latency   bare     {floors[-1]}", flush=True)
-        report(broker_kind, results, bare_rates, floors)
+                    if broker_kind == "amqp":
+                        py_floors.append(latency_floor(broker, ctx, "pyamqp"))
+                        print(f"  {broker_kind} round {rnd} latency   pyamqp   {py_floors[-1]}", flush=True)
+        report(broker_kind, results, bare_rates, floors, py_floors)
     for note in notes:
         print("note:", note)
 
