@@ -290,15 +290,15 @@ atexit.register(stop_all)
 
 class Worker:
     def __init__(self, kind, binary, broker_url, logdir, extra=(), concurrency=2):
-        flags = list(FLAGS)
-        flags[flags.index("-c") + 1] = str(concurrency)
-        cmd = [sys.executable, "-m", "celery"] if kind == "stock" else [str(binary)]
-        if kind == "pyamqp":
+        if kind == "pyamqp":  # not a worker: the plain consumer of latency_floor
             cmd, flags = [sys.executable, str(BENCH / "pyamqp_floor.py"), broker_url], []
-        if kind == "bare":
-            flags.append("--bare-consumer")
-        # A node name of its own: RabbitMQ drops the last worker's exclusive mailbox a moment late.
-        if kind != "pyamqp":
+        else:
+            cmd = [sys.executable, "-m", "celery"] if kind == "stock" else [str(binary)]
+            flags = list(FLAGS)
+            flags[flags.index("-c") + 1] = str(concurrency)
+            if kind == "bare":
+                flags.append("--bare-consumer")
+            # A node name of its own: RabbitMQ drops the last worker's exclusive mailbox a moment late.
             flags += ["-n", f"{kind}-{uuid4().hex[:8]}@%h"]
         env = dict(os.environ, BENCH_BROKER=broker_url, BENCH_BACKEND=BACKEND, VIRTUAL_ENV=str(ROOT / ".venv"),
                    PYTHONPATH=str(BENCH))
@@ -679,12 +679,11 @@ def report(broker_kind, results, bare_rates, floors=(), py_floors=()):
     if lat:
         p99 = med([r["p99"] for r in lat])
         print(f"{'celeriac p99 latency ≤ 1 ms':38} {'':>10} {p99:>10.2f} {'':>7}  {'met' if p99 <= 1 else 'NOT met'}")
-    if floors:
-        p50, p99 = med([f["p50"] for f in floors]), med([f["p99"] for f in floors])
-        print(f"{'bare consumer at 200/s, p50 / p99 ms':38} {'':>10} {p50:>5.2f}/{p99:.2f}  (the floor: no task runs)")
-    if py_floors:
-        p50, p99 = med([f["p50"] for f in py_floors]), med([f["p99"] for f in py_floors])
-        print(f"{'py-amqp consumer at 200/s, p50 / p99':38} {'':>10} {p50:>5.2f}/{p99:.2f}  (the same floor, stock's client)")
+    for rows, label, what in ((floors, "bare consumer at 200/s, p50 / p99 ms", "the floor: no task runs"),
+                              (py_floors, "py-amqp consumer at 200/s, p50 / p99", "the same floor, stock's client")):
+        if rows:
+            p50, p99 = med([f["p50"] for f in rows]), med([f["p99"] for f in rows])
+            print(f"{label:38} {'':>10} {p50:>5.2f}/{p99:.2f}  ({what})")
 
 
 class Context:
